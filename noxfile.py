@@ -1,0 +1,138 @@
+"""Sessions: tests(package) per package folder, integration, lint, typecheck, bench, demo, build.
+
+Every session installs through constraints.txt, which pins the CPU build of torch lying on these
+machines' disk (PIP_FIND_LINKS); uv is used when present (and told about that folder through
+UV_FIND_LINKS), virtualenv + pip otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+CONSTRAINTS = str(ROOT / "constraints.txt")
+CORE = "shared/klcore"
+PACKAGES = [CORE, *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "packages").glob("*") if (p / "pyproject.toml").exists())]
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["tests", "integration", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = False
+
+if os.environ.get("PIP_FIND_LINKS") and not os.environ.get("UV_FIND_LINKS"):
+    os.environ["UV_FIND_LINKS"] = os.environ["PIP_FIND_LINKS"]
+
+
+def _install(session: nox.Session, *args: str) -> None:
+    session.install("-c", CONSTRAINTS, *args)
+
+
+def _short(path: str) -> str:
+    return Path(path).name
+
+
+@nox.session(tags=["test"])
+@nox.parametrize("package", [_short(p) for p in PACKAGES], ids=[_short(p) for p in PACKAGES])
+def tests(session: nox.Session, package: str) -> None:
+    """One package's tests in a fresh venv holding only that package, klcore and their test deps."""
+    path = next(p for p in PACKAGES if _short(p) == package)
+    pkgs = [f"{CORE}[test]"] if path == CORE else [f"{CORE}[lm]", f"{path}[test]"]
+    _install(session, *pkgs)
+    session.run("python", "-m", "pytest", f"{path}/tests", "-q", *session.posargs)
+
+
+@nox.session(tags=["test"])
+def integration(session: nox.Session) -> None:
+    """Every package installed together; tests that compose plugins."""
+    _install(session, f"{CORE}[test]", *[f"{p}[test]" for p in PACKAGES if p != CORE])
+    session.run("python", "-m", "pytest", "integration-tests", "-q", *session.posargs)
+
+
+@nox.session(tags=["test"])
+def lint(session: nox.Session) -> None:
+    """ruff over the whole repository."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session(tags=["test"])
+def typecheck(session: nox.Session) -> None:
+    """mypy on klcore (and on packages that ship py.typed)."""
+    _install(session, "mypy", f"{CORE}[lm]")
+    session.run("mypy", f"{CORE}/src/klcore")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks: ratios against named baselines measured in the same run (trl included when it installs)."""
+    _install(session, f"{CORE}[lm]", "psutil", "trl")
+    session.run("python", "benchmarks/logprobs.py", *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Every installed recipe at its default size (today: grpo-toy)."""
+    _install(session, f"{CORE}[lm]", *[p for p in PACKAGES if p != CORE])
+    out = session.posargs[0] if session.posargs else "runs/demo"
+    session.run("python", "-c", _DEMO, out)
+
+
+_DEMO = """
+import sys
+from pathlib import Path
+from klcore.plugins import build_plugin_manager
+from klcore.recipes import run_recipe
+plugins = build_plugin_manager()
+for name in plugins.registry("recipe"):
+    print(f"=== klcore run {name}", flush=True)
+    run_recipe(plugins, name, out=Path(sys.argv[1]) / name)
+"""
+
+
+_DEMO = """
+import sys
+from pathlib import Path
+from klcore.plugins import build_plugin_manager
+from klcore.recipes import run_recipe
+plugins = build_plugin_manager()
+for name in plugins.registry("recipe"):
+    print(f"=== klcore run {name}", flush=True)
+    run_recipe(plugins, name, out=Path(sys.argv[1]) / name)
+"""
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Build every package's wheel; each installs alone into a clean venv and its entry points load."""
+    session.install("build")
+    dist = ROOT / "dist"
+    for path in PACKAGES:
+        session.run("python", "-m", "build", "--wheel", "--outdir", str(dist), path)
+    session.run("python", "-m", "pip", "--version")
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Build every package's wheel, install each alone into a clean venv, and load its entry points."""
+    session.install("build")
+    dist = Path(session.create_tmp()) / "dist"
+    for path in PACKAGES:
+        session.run("python", "-m", "build", "--wheel", "--outdir", str(dist), path)
+    core_wheel = str(next(dist.glob("klcore-*.whl")))
+    for wheel in sorted(dist.glob("*.whl")):
+        venv = Path(session.create_tmp()) / f"venv-{wheel.name.split('-')[0]}"
+        session.run("python", "-m", "venv", "--clear", str(venv))
+        py = str(venv / "bin" / "python")
+        extra = [] if str(wheel) == core_wheel else [core_wheel]
+        session.run(py, "-m", "pip", "install", "-q", "-c", CONSTRAINTS, *extra, str(wheel), external=True)
+        session.run(py, "-c", _CHECK_ENTRY_POINTS, external=True)
+
+
+_CHECK_ENTRY_POINTS = """
+from klcore.plugins import build_plugin_manager
+plugins = build_plugin_manager()
+assert not plugins.failures, plugins.failures
+print("plugins:", sorted(plugins.distributions))
+"""

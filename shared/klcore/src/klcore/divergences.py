@@ -1,0 +1,292 @@
+"""Divergences between categorical distributions given as logits, and sample-based KL estimators.
+
+Full-distribution functions take two ``[..., V]`` logit tensors (any float dtype, same shape) and
+return one float32 value per position, shape ``[...]``, in nats. They run over chunks of rows and
+upcast one chunk at a time, so no float32 ``[..., V]`` copy is ever materialised; pass
+``checkpoint=True`` to also recompute each chunk in backward instead of storing its intermediates.
+An optional boolean ``mask`` of shape ``[...]`` zeroes (and skips validation of) unmasked positions.
+
+Argument order follows the names: ``kl(p, q)`` is KL(P || Q). The distillation helpers take
+``(student, teacher)`` like TRL's GKD: ``forward_kl`` is KL(T || S), ``reverse_kl`` is KL(S || T).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from klcore import _checks
+from klcore._chunks import map_rows
+from klcore.errors import ConfigError, ShapeError, VocabMismatchError
+
+Generator = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _pair(p_logits: torch.Tensor, q_logits: torch.Tensor, names: tuple[str, str]) -> None:
+    _checks.floating(p_logits, names[0])
+    _checks.floating(q_logits, names[1])
+    _checks.min_dims(p_logits, names[0], 1, "[..., V]")
+    if p_logits.shape[-1] != q_logits.shape[-1]:
+        raise VocabMismatchError(
+            f"{names[0]} has vocabulary size {p_logits.shape[-1]} but {names[1]} has {q_logits.shape[-1]}; "
+            "both distributions must be over the same vocabulary (same tokenizer / output head)"
+        )
+    if p_logits.shape != q_logits.shape:
+        raise ShapeError(
+            f"{names[0]} has shape {tuple(p_logits.shape)} but {names[1]} has shape {tuple(q_logits.shape)}"
+        )
+
+
+def _per_position(
+    row_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    p_logits: torch.Tensor,
+    q_logits: torch.Tensor,
+    *,
+    names: tuple[str, str],
+    chunk_size: int | None,
+    checkpoint: bool,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    _pair(p_logits, q_logits, names)
+    lead = p_logits.shape[:-1]
+    vocab = p_logits.shape[-1]
+
+    def fn(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return row_fn(p.float(), q.float())
+
+    (out,) = map_rows(
+        fn,
+        (p_logits.reshape(-1, vocab), q_logits.reshape(-1, vocab)),
+        chunk_size=chunk_size,
+        checkpoint=checkpoint,
+        vocab=vocab,
+    )
+    out = out.reshape(lead)
+    if mask is not None:
+        m = _checks.mask(mask, "mask", lead, allow_empty=True)
+        out = torch.where(m, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    _checks.finite(out.detach(), f"divergence of ({names[0]}, {names[1]}) (NaN/inf logits or an overflowing generator)")
+    return out
+
+
+def _kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    lp = F.log_softmax(p, dim=-1)
+    lq = F.log_softmax(q, dim=-1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def kl(
+    p_logits: torch.Tensor,
+    q_logits: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    checkpoint: bool = False,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(P || Q) = sum_x P(x) log(P(x)/Q(x)) per position: ``[..., V], [..., V] -> [...]`` float32."""
+    return _per_position(
+        _kl_rows, p_logits, q_logits, names=("p_logits", "q_logits"),
+        chunk_size=chunk_size, checkpoint=checkpoint, mask=mask,
+    )
+
+
+def forward_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    checkpoint: bool = False,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Forward (mass-covering) KL(T || S) of distillation per position, float32 ``[...]``."""
+    return _per_position(
+        lambda s, t: _kl_rows(t, s), student_logits, teacher_logits, names=("student_logits", "teacher_logits"),
+        chunk_size=chunk_size, checkpoint=checkpoint, mask=mask,
+    )
+
+
+def reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    checkpoint: bool = False,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reverse (mode-seeking) KL(S || T) of distillation per position, float32 ``[...]``."""
+    return _per_position(
+        _kl_rows, student_logits, teacher_logits, names=("student_logits", "teacher_logits"),
+        chunk_size=chunk_size, checkpoint=checkpoint, mask=mask,
+    )
+
+
+def _js_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    lp = F.log_softmax(p, dim=-1)
+    lq = F.log_softmax(q, dim=-1)
+    lm = torch.logaddexp(lp, lq) - math.log(2.0)
+    return 0.5 * (lp.exp() * (lp - lm)).sum(-1) + 0.5 * (lq.exp() * (lq - lm)).sum(-1)
+
+
+def js(
+    p_logits: torch.Tensor,
+    q_logits: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    checkpoint: bool = False,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Jensen-Shannon divergence with M = (P + Q)/2, natural log, in [0, ln 2]; float32 ``[...]``."""
+    return _per_position(
+        _js_rows, p_logits, q_logits, names=("p_logits", "q_logits"),
+        chunk_size=chunk_size, checkpoint=checkpoint, mask=mask,
+    )
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float,
+    *,
+    chunk_size: int | None = None,
+    checkpoint: bool = False,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Generalised JSD of GKD (Agarwal et al.; TRL's ``generalized_jsd_loss``), float32 ``[...]``.
+
+    For 0 < beta < 1: M = beta T + (1 - beta) S and JSD = beta KL(T || M) + (1 - beta) KL(S || M).
+    The endpoints follow GKD's convention, not continuity: beta = 0 returns the forward KL(T || S) and
+    beta = 1 the reverse KL(S || T) (the interior value itself tends to 0 at both ends; it behaves like
+    beta KL(T || S) near 0 and (1 - beta) KL(S || T) near 1). Swapping student and teacher maps beta
+    to 1 - beta; beta = 0.5 is ``js``.
+    """
+    if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
+        raise ConfigError(f"beta must be a number in [0, 1], got {beta!r}")
+    b = float(beta)
+
+    def rows(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if b == 0.0:
+            return _kl_rows(t, s)
+        if b == 1.0:
+            return _kl_rows(s, t)
+        ls = F.log_softmax(s, dim=-1)
+        lt = F.log_softmax(t, dim=-1)
+        lm = torch.logaddexp(ls + math.log1p(-b), lt + math.log(b))
+        return b * (lt.exp() * (lt - lm)).sum(-1) + (1.0 - b) * (ls.exp() * (ls - lm)).sum(-1)
+
+    return _per_position(
+        rows, student_logits, teacher_logits, names=("student_logits", "teacher_logits"),
+        chunk_size=chunk_size, checkpoint=checkpoint, mask=mask,
+    )
+
+
+def alpha_divergence(
+    p_logits: torch.Tensor,
+    q_logits: torch.Tensor,
+    alpha: float,
+    *,
+    chunk_size: int | None = None,
+    checkpoint: bool = False,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Amari alpha-divergence (1 - sum P^alpha Q^(1-alpha)) / (alpha (1 - alpha)), alpha in (0, 1).
+
+    Tends to KL(P || Q) as alpha -> 1 and to KL(Q || P) as alpha -> 0; alpha = 0.5 is four times the
+    squared Hellinger distance. Computed as -expm1(logsumexp(alpha log P + (1-alpha) log Q)) so it
+    stays accurate near the endpoints. Float32 ``[...]``.
+    """
+    if not isinstance(alpha, (int, float)) or not 0.0 < float(alpha) < 1.0:
+        raise ConfigError(f"alpha must be a number strictly between 0 and 1, got {alpha!r}; use kl() at the endpoints")
+    a = float(alpha)
+
+    def rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        mixed = a * F.log_softmax(p, dim=-1) + (1.0 - a) * F.log_softmax(q, dim=-1)
+        return -torch.expm1(torch.logsumexp(mixed, dim=-1)) / (a * (1.0 - a))
+
+    return _per_position(
+        rows, p_logits, q_logits, names=("p_logits", "q_logits"),
+        chunk_size=chunk_size, checkpoint=checkpoint, mask=mask,
+    )
+
+
+def f_divergence(
+    p_logits: torch.Tensor,
+    q_logits: torch.Tensor,
+    f: Generator,
+    *,
+    chunk_size: int | None = None,
+    checkpoint: bool = False,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """D_f(P || Q) = sum_x Q(x) f(P(x) / Q(x)) for a convex generator ``f`` with f(1) = 0.
+
+    ``f`` maps a float32 tensor of ratios u = P/Q (elementwise) to f(u). Examples: ``u * log(u)``
+    gives KL(P || Q); ``-log(u)`` gives KL(Q || P). The ratio is formed as exp(log P - log Q), so it
+    overflows to inf where Q underflows; a generator that is not finite there raises
+    ``NonFiniteError``. Float32 ``[...]``.
+    """
+    if not callable(f):
+        raise ConfigError(f"f must be a callable generator u -> f(u), got {type(f).__name__}")
+
+    def rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        lp = F.log_softmax(p, dim=-1)
+        lq = F.log_softmax(q, dim=-1)
+        return (lq.exp() * f(torch.exp(lp - lq))).sum(-1)
+
+    return _per_position(
+        rows, p_logits, q_logits, names=("p_logits", "q_logits"),
+        chunk_size=chunk_size, checkpoint=checkpoint, mask=mask,
+    )
+
+
+EstimatorKind = Literal["k1", "k2", "k3"]
+
+
+def kl_estimate(
+    logp_sampler: torch.Tensor,
+    logp_other: torch.Tensor,
+    kind: EstimatorKind = "k3",
+    *,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample estimate of KL(sampler || other) from tokens drawn from the sampler (Schulman).
+
+    With r = log other(x) - log sampler(x) at the sampled x: ``k1 = -r`` (unbiased, high variance,
+    can be negative), ``k2 = r^2 / 2`` (biased, low variance, its gradient is the KL gradient in
+    expectation), ``k3 = exp(r) - 1 - r`` (unbiased, non-negative; verl's ``low_var_kl`` before
+    clamping). Inputs are per-token log-probs of the same shape; returns float32 of that shape, zero
+    where ``mask`` is False.
+    """
+    _checks.floating(logp_sampler, "logp_sampler")
+    _checks.floating(logp_other, "logp_other")
+    _checks.same_shape(logp_sampler, "logp_sampler", logp_other, "logp_other")
+    if kind not in ("k1", "k2", "k3"):
+        raise ConfigError(f"kind must be one of 'k1', 'k2', 'k3', got {kind!r}")
+    keep = None if mask is None else _checks.mask(mask, "mask", logp_sampler.shape, allow_empty=True)
+    a, b = logp_sampler.float(), logp_other.float()
+    if keep is not None:
+        a = torch.where(keep, a, torch.zeros_like(a))
+        b = torch.where(keep, b, torch.zeros_like(b))
+    _checks.finite(a.detach(), "logp_sampler")
+    _checks.finite(b.detach(), "logp_other")
+    r = b - a
+    if kind == "k1":
+        return -r
+    if kind == "k2":
+        return 0.5 * r * r
+    return torch.expm1(r) - r
+
+
+__all__ = [
+    "alpha_divergence",
+    "f_divergence",
+    "forward_kl",
+    "generalized_jsd",
+    "js",
+    "kl",
+    "kl_estimate",
+    "reverse_kl",
+]

@@ -1,0 +1,190 @@
+"""Per-token log-probabilities of taken tokens and per-token entropies, chunked over rows.
+
+Logits stay in their dtype; each chunk of rows is upcast to float32 on its own, so the peak extra
+memory is one float32 chunk instead of a float32 copy of ``[B, T, V]``. The ``*_from_hidden``
+variant also never forms the full logits: it multiplies a chunk of hidden states by the output head,
+which together with ``checkpoint=True`` keeps training memory at one chunk of logits.
+All results are float32 with the logits' leading shape (``[B, T]`` for ``[B, T, V]``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from klcore import _checks
+from klcore._chunks import map_rows
+from klcore.errors import ConfigError, ShapeError
+
+
+def _temperature(t: float) -> float:
+    if not isinstance(t, (int, float)) or not float(t) > 0.0:
+        raise ConfigError(f"temperature must be a positive number, got {t!r}")
+    return float(t)
+
+
+def _tokens(tokens: object, lead: torch.Size, vocab: int) -> torch.Tensor:
+    tok = _checks.tensor(tokens, "tokens")
+    _checks.integer(tok, "tokens")
+    if tok.shape != lead:
+        raise ShapeError(f"tokens has shape {tuple(tok.shape)} but the logits' leading shape is {tuple(lead)}")
+    if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= vocab):
+        raise ShapeError(
+            f"tokens must lie in [0, {vocab}) (the vocabulary size), got values in [{int(tok.min())}, {int(tok.max())}]"
+        )
+    return tok
+
+
+def _logits(logits: object) -> torch.Tensor:
+    x = _checks.floating(logits, "logits")
+    _checks.min_dims(x, "logits", 2, "[..., T, V]")
+    return x
+
+
+def _rows(x: torch.Tensor, inv_t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 scaled logits and their logsumexp for a ``[n, V]`` chunk."""
+    z = x.float()
+    if inv_t != 1.0:
+        z = z * inv_t
+    return z, torch.logsumexp(z, dim=-1)
+
+
+def _check_out(*outs: torch.Tensor) -> None:
+    for out in outs:
+        _checks.finite(out.detach(), "per-token result (the logits hold NaN or inf at this position)")
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    checkpoint: bool = False,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log softmax(logits / temperature)[token] per position: ``[..., V], [...] -> [...]`` float32."""
+    x = _logits(logits)
+    vocab, lead = x.shape[-1], x.shape[:-1]
+    tok = _tokens(tokens, lead, vocab)
+    inv_t = 1.0 / _temperature(temperature)
+
+    def fn(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        z, lse = _rows(rows, inv_t)
+        return z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+
+    (out,) = map_rows(
+        fn, (x.reshape(-1, vocab), tok.reshape(-1)), chunk_size=chunk_size, checkpoint=checkpoint, vocab=vocab
+    )
+    out = out.reshape(lead)
+    _check_out(out)
+    return out
+
+
+def _entropy_rows(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    return lse - (torch.exp(z - lse.unsqueeze(-1)) * z).sum(-1)
+
+
+def token_entropy(
+    logits: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    checkpoint: bool = False,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Entropy -sum p log p of softmax(logits / temperature) per position, float32 ``[...]`` (nats)."""
+    x = _logits(logits)
+    vocab, lead = x.shape[-1], x.shape[:-1]
+    inv_t = 1.0 / _temperature(temperature)
+
+    def fn(rows: torch.Tensor) -> torch.Tensor:
+        return _entropy_rows(*_rows(rows, inv_t))
+
+    (out,) = map_rows(fn, (x.reshape(-1, vocab),), chunk_size=chunk_size, checkpoint=checkpoint, vocab=vocab)
+    out = out.reshape(lead)
+    _check_out(out)
+    return out
+
+
+def token_logprobs_and_entropy(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    checkpoint: bool = False,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both ``token_logprobs`` and ``token_entropy`` in one pass over the logits."""
+    x = _logits(logits)
+    vocab, lead = x.shape[-1], x.shape[:-1]
+    tok = _tokens(tokens, lead, vocab)
+    inv_t = 1.0 / _temperature(temperature)
+
+    def fn(rows: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, lse = _rows(rows, inv_t)
+        return z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse, _entropy_rows(z, lse)
+
+    lp, ent = map_rows(
+        fn, (x.reshape(-1, vocab), tok.reshape(-1)), chunk_size=chunk_size, checkpoint=checkpoint, vocab=vocab
+    )
+    lp, ent = lp.reshape(lead), ent.reshape(lead)
+    _check_out(lp, ent)
+    return lp, ent
+
+
+def _head_params(head: nn.Module | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(head, torch.Tensor):
+        return head, None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ShapeError(
+            f"head must be a [V, H] weight tensor or a linear module with a 2-D .weight, got {type(head).__name__}"
+        )
+    bias = getattr(head, "bias", None)
+    return weight, bias if isinstance(bias, torch.Tensor) else None
+
+
+def token_logprobs_from_hidden(
+    hidden: torch.Tensor,
+    head: nn.Module | torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    with_entropy: bool = False,
+    chunk_size: int | None = None,
+    checkpoint: bool = False,
+    temperature: float = 1.0,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (and entropies) from hidden states ``[..., H]`` and an output head ``[V, H]``.
+
+    ``head`` is the model's output embedding (``model.get_output_embeddings()``) or its weight.
+    Logits are formed one chunk of rows at a time (``hidden_chunk @ W.T + b``), so with
+    ``checkpoint=True`` neither forward nor backward holds more than one chunk of logits.
+    Returns ``[...]`` float32, or ``(logprobs, entropy)`` when ``with_entropy``.
+    """
+    h = _checks.floating(hidden, "hidden")
+    _checks.min_dims(h, "hidden", 2, "[..., T, H]")
+    weight, bias = _head_params(head)
+    if weight.shape[1] != h.shape[-1]:
+        raise ShapeError(f"head weight has shape {tuple(weight.shape)} ([V, H]) but hidden size is {h.shape[-1]}")
+    vocab, lead = weight.shape[0], h.shape[:-1]
+    tok = _tokens(tokens, lead, vocab)
+    inv_t = 1.0 / _temperature(temperature)
+
+    def fn(rows: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        z, lse = _rows(nn.functional.linear(rows, weight, bias), inv_t)
+        lp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+        return (lp, _entropy_rows(z, lse)) if with_entropy else (lp,)
+
+    outs = map_rows(
+        fn, (h.reshape(-1, h.shape[-1]), tok.reshape(-1)), chunk_size=chunk_size, checkpoint=checkpoint, vocab=vocab
+    )
+    shaped = tuple(o.reshape(lead) for o in outs)
+    _check_out(*shaped)
+    return shaped if with_entropy else shaped[0]  # type: ignore[return-value]
+
+
+__all__ = [
+    "token_entropy",
+    "token_logprobs",
+    "token_logprobs_and_entropy",
+    "token_logprobs_from_hidden",
+]

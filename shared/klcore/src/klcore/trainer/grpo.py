@@ -1,0 +1,165 @@
+"""GRPO-family RL on a verifiable task: sample a group per prompt, score, advantage, PPO update.
+
+The policy loss is looked up by name in the registry (``config.loss``, built-in ``vanilla`` =
+PPO-clip), the advantage estimator by ``config.advantage`` (``grpo``, ``dr_grpo``, ``rloo``).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from klcore import advantages as adv_lib
+from klcore.divergences import kl_estimate
+from klcore.logprobs import token_logprobs_and_entropy
+from klcore.plugins import Plugins
+from klcore.reduce import GlobalCounts, aggregate
+from klcore.rollout import pass_at_k, sample
+from klcore.toy.tasks import Task
+from klcore.toy.warmup import encode_prompts, evaluate
+from klcore.trainer.base import Batch, Metrics, Trainer, step_seed
+from klcore.trainer.config import GRPOConfig
+
+
+def policy_forward(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log_prob, entropy)`` ``[rows, R]`` float32 of the batch's response tokens under ``model``.
+
+    Only the last R + 1 positions' logits are computed when the model supports ``logits_to_keep``.
+    """
+    responses = batch["responses"]
+    r = responses.shape[1]
+    kwargs: dict[str, Any] = {}
+    base = model.module if hasattr(model, "module") else model
+    if "logits_to_keep" in inspect.signature(base.forward).parameters:
+        kwargs["logits_to_keep"] = r + 1
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+        use_cache=False, **kwargs,
+    )
+    logits = out.logits[:, -(r + 1) : -1]
+    return token_logprobs_and_entropy(logits, responses, temperature=temperature)
+
+
+class GRPOTrainer(Trainer):
+    """RL with verifiable rewards on a :class:`klcore.toy.Task`-like object.
+
+    ``task`` provides ``problems(n, generator=, split=)`` and ``verify(problem, completion)``.
+    ``eval_tasks`` (name -> task) are evaluated greedily on their ``test`` split and logged as
+    ``eval/<name>_accuracy``. ``ref_model`` (default: a frozen copy of ``model``) is used only when
+    ``config.kl_coef > 0``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        task: Task,
+        config: GRPOConfig,
+        *,
+        run_dir: str | Path,
+        eval_tasks: Mapping[str, Task] | None = None,
+        ref_model: nn.Module | None = None,
+        plugins: Plugins | None = None,
+        accelerator: Accelerator | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        ref = None
+        if config.kl_coef > 0:
+            ref = (ref_model if ref_model is not None else copy.deepcopy(model)).eval().requires_grad_(False)
+        super().__init__(model, config, run_dir=run_dir, plugins=plugins, accelerator=accelerator, optimizer=optimizer)
+        self.config: GRPOConfig = config
+        self.tokenizer = tokenizer
+        self.task = task
+        self.eval_tasks = dict(eval_tasks or {})
+        self.ref_model = ref.to(self.accelerator.device) if ref is not None else None
+        self.max_new_tokens = config.max_new_tokens or task.max_answer_chars + 2
+        self.advantage_fn = adv_lib.by_name(config.advantage)
+
+    def collect(self, step: int) -> tuple[Batch, Metrics]:
+        cfg, acc, tok = self.config, self.accelerator, self.tokenizer
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step) + acc.process_index)
+        problems = self.task.problems(cfg.prompts_per_step, generator=gen, split="train")
+        roll = sample(
+            self.unwrapped_model, encode_prompts(tok, problems), group_size=cfg.group_size,
+            max_new_tokens=self.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            temperature=cfg.temperature, top_p=cfg.top_p, generator=gen,
+        )
+        texts = tok.batch_decode(roll.responses, skip_special_tokens=True)
+        g = cfg.group_size
+        rewards = torch.tensor([self.task.verify(problems[i // g], t) for i, t in enumerate(texts)]).view(-1, g)
+        mask = roll.response_mask
+        seq_adv = self.advantage_fn(rewards).reshape(-1, 1).to(mask.device)
+        batch: Batch = {
+            "input_ids": roll.input_ids,
+            "attention_mask": roll.attention_mask,
+            "position_ids": roll.position_ids,
+            "responses": roll.responses,
+            "response_mask": mask,
+            "advantages": seq_adv * mask,
+            "rollout_log_prob": roll.logprobs,
+            "rewards": rewards.reshape(-1).to(mask.device),
+        }
+        with torch.no_grad():
+            batch["old_log_prob"], entropy = self._in_chunks(self.model, batch)
+            if self.ref_model is not None:
+                batch["ref_log_prob"], _ = self._in_chunks(self.ref_model, batch)
+        correct = rewards.sum(1).long().tolist()
+        lengths = mask.sum(1).float()
+        valid = mask.float()
+        metrics: Metrics = {
+            "reward/mean": float(rewards.mean()),
+            f"reward/pass_at_{g}": sum(pass_at_k(g, c, g) for c in correct) / len(correct),
+            "response/length_mean": float(lengths.mean()),
+            "response/truncated": float((~(roll.responses == tok.eos_token_id).any(1)).float().mean()),
+            "entropy/mean": float((entropy * valid).sum() / valid.sum()),
+            "rollout/kl_mismatch": float(
+                (kl_estimate(roll.logprobs, batch["old_log_prob"], "k3", mask=mask) * valid).sum() / valid.sum()
+            ),
+        }
+        if self.eval_tasks and (step == 0 or step == cfg.steps - 1 or (cfg.eval_every and step % cfg.eval_every == 0)):
+            metrics.update(self.evaluate())
+        return batch, metrics
+
+    def _in_chunks(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = batch["responses"].shape[0]
+        step = self.config.micro_batch_size or rows
+        parts = [
+            policy_forward(model, {k: v[s : s + step] for k, v in batch.items()}, self.config.temperature)
+            for s in range(0, rows, step)
+        ]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def compute_loss(self, batch: Batch, counts: GlobalCounts) -> tuple[torch.Tensor, Metrics, Batch]:
+        cfg = self.config
+        log_prob, entropy = policy_forward(self.model, batch, cfg.temperature)
+        mask = batch["response_mask"]
+        agg = {"agg": cfg.agg, "counts": counts, "norm_length": cfg.norm_length or None}
+        loss, raw = self.loss_fn(batch["old_log_prob"], log_prob, batch["advantages"], mask, **agg, **cfg.loss_options)
+        metrics = {k: float(v) for k, v in raw.items()}
+        if self.ref_model is not None:
+            per_token = kl_estimate(log_prob, batch["ref_log_prob"], cfg.kl_estimator, mask=mask)
+            loss = loss + cfg.kl_coef * aggregate(
+                per_token, mask, cfg.agg, counts=counts, norm_length=cfg.norm_length or None
+            )
+            metrics["kl/ref"] = float(per_token.detach().sum() / mask.sum().clamp(min=1))
+        return loss, metrics, {"log_prob": log_prob, "entropy": entropy.detach()}
+
+    def evaluate(self) -> Metrics:
+        """Greedy exact-match accuracy on each eval task's held-out split."""
+        model = self.unwrapped_model
+        return {
+            f"eval/{name}_accuracy": evaluate(
+                model, self.tokenizer, task, n=self.config.eval_problems, seed=self.config.seed + 99
+            )
+            for name, task in self.eval_tasks.items()
+        }
