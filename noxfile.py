@@ -15,6 +15,7 @@ import nox
 ROOT = Path(__file__).parent
 CONSTRAINTS = str(ROOT / "constraints.txt")
 CORE = "shared/klcore"
+NO_TESTS = 5  # pytest's exit code when a folder holds no test yet: not a failure
 PACKAGES = [CORE, *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "packages").glob("*") if (p / "pyproject.toml").exists())]
 
 nox.options.default_venv_backend = "uv|virtualenv"
@@ -40,14 +41,14 @@ def tests(session: nox.Session, package: str) -> None:
     path = next(p for p in PACKAGES if _short(p) == package)
     pkgs = [f"{CORE}[test]"] if path == CORE else [f"{CORE}[lm]", f"{path}[test]"]
     _install(session, *pkgs)
-    session.run("python", "-m", "pytest", f"{path}/tests", "-q", *session.posargs)
+    session.run("python", "-m", "pytest", f"{path}/tests", "-q", *session.posargs, success_codes=[0, NO_TESTS])
 
 
 @nox.session(tags=["test"])
 def integration(session: nox.Session) -> None:
     """Every package installed together; tests that compose plugins."""
     _install(session, f"{CORE}[test]", *[f"{p}[test]" for p in PACKAGES if p != CORE])
-    session.run("python", "-m", "pytest", "integration-tests", "-q", *session.posargs)
+    session.run("python", "-m", "pytest", "integration-tests", "-q", *session.posargs, success_codes=[0, NO_TESTS])
 
 
 @nox.session(tags=["test"])
@@ -101,16 +102,6 @@ for name in plugins.registry("recipe"):
     print(f"=== klcore run {name}", flush=True)
     run_recipe(plugins, name, out=Path(sys.argv[1]) / name)
 """
-
-
-@nox.session
-def build(session: nox.Session) -> None:
-    """Build every package's wheel; each installs alone into a clean venv and its entry points load."""
-    session.install("build")
-    dist = ROOT / "dist"
-    for path in PACKAGES:
-        session.run("python", "-m", "build", "--wheel", "--outdir", str(dist), path)
-    session.run("python", "-m", "pip", "--version")
 
 
 @nox.session

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerFast
-
 from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 #: Characters with their own id, after the four special tokens (ids 0..3).

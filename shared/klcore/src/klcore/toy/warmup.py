@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from klcore.errors import ConfigError
@@ -30,14 +31,14 @@ def _sft_batch(tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem]) 
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     lab = torch.full((len(rows), width), -100, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, l) in enumerate(zip(rows, labels, strict=True)):
-        ids[i, : len(r)], lab[i, : len(l)], attn[i, : len(r)] = torch.tensor(r), torch.tensor(l), 1
+    for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
+        ids[i, : len(row)], lab[i, : len(label)], attn[i, : len(row)] = torch.tensor(row), torch.tensor(label), 1
     return ids, attn, lab
 
 
 @torch.no_grad()
 def evaluate(
-    model: PreTrainedModel,
+    model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     task: Task,
     *,

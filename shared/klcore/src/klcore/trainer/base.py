@@ -150,7 +150,7 @@ class Trainer(abc.ABC):
 
     def update(self, batch: Batch) -> Metrics:
         """``ppo_epochs`` passes of ``mini_batches`` optimiser steps over ``batch``; mean metrics."""
-        cfg, acc = self.config, self.accelerator
+        cfg = self.config
         rows = batch[self.mask_key].shape[0]
         if rows % cfg.mini_batches:
             raise ConfigError(f"{rows} rows per process do not divide into mini_batches = {cfg.mini_batches}")
@@ -193,10 +193,10 @@ class Trainer(abc.ABC):
             world = counts.world_size
             summed["loss/objective"] += float(loss.detach()) / world
             summed["loss/total"] += float(total.detach()) / world
-            for k, v in terms.items():
-                summed[k] += float(v.detach()) / world
-            for k, v in metrics.items():
-                averaged[k] += float(v) / len(starts)
+            for k, term in terms.items():
+                summed[k] += float(term.detach()) / world
+            for k, value in metrics.items():
+                averaged[k] += float(value) / len(starts)
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()

@@ -39,7 +39,7 @@ def policy_forward(
     responses = batch["responses"]
     r = responses.shape[1]
     kwargs: dict[str, Any] = {}
-    base = model.module if hasattr(model, "module") else model
+    base: nn.Module = getattr(model, "module", model)
     if "logits_to_keep" in inspect.signature(base.forward).parameters:
         kwargs["logits_to_keep"] = r + 1
     out = model(
