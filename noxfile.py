@@ -65,6 +65,36 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy", f"{CORE}/src/klcore")
 
 
+@nox.session(tags=["test"])
+def docs(session: nox.Session) -> None:
+    """Every public name of every package (its modules' __all__) is documented in docs/<package>.md."""
+    _install(session, *[f"{p}[lm]" if p == CORE else p for p in PACKAGES])
+    for path in PACKAGES:
+        session.run("python", "-c", _CHECK_DOCS, path)
+
+
+_CHECK_DOCS = """
+import importlib, pkgutil, re, sys, tomllib
+from pathlib import Path
+root = Path(sys.argv[1])
+meta = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+doc_name = "klcore" if meta["name"] == "klcore" else root.name
+text = Path("docs", f"{doc_name}.md").read_text()
+top = next(p.name for p in (root / "src").iterdir() if p.is_dir() and (p / "__init__.py").exists())
+pkg = importlib.import_module(top)
+missing = []
+for mod in [pkg, *(importlib.import_module(m.name) for m in pkgutil.walk_packages(pkg.__path__, top + "."))]:
+    if mod.__name__.split(".")[-1].startswith("_"):
+        continue
+    for name in getattr(mod, "__all__", []):
+        if not name.startswith("_") and not re.search(rf"\\b{name}\\b", text):
+            missing.append(f"{mod.__name__}.{name}")
+if missing:
+    sys.exit(f"docs/{doc_name}.md does not mention: " + ", ".join(sorted(set(missing))))
+print(f"docs/{doc_name}.md covers the public API of {top}")
+"""
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks: ratios against named baselines measured in the same run (trl included when it installs)."""

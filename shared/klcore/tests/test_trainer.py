@@ -192,3 +192,9 @@ def test_custom_loss_is_looked_up_by_name(tmp_path: Path) -> None:
     plugins.registries["loss"].add(Registered(Component("mine", my_loss), owner="test"))
     rows = _trainer(tmp_path, plugins=plugins, steps=1, loss="mine", loss_options={"scale": 3.0}).train()
     assert seen["scale"] == 3.0 and rows[0]["mine/x"] == 1.0
+
+
+def test_bf16_mixed_precision_runs(tmp_path: Path) -> None:
+    rows = _trainer(tmp_path, steps=2, mixed_precision="bf16", lr=1e-2).train()
+    assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)
+    assert rows[-1]["optim/grad_norm"] > 0

@@ -13,7 +13,10 @@ from klcore.trainer.config import GRPOConfig
 
 
 def _default_trainer() -> GRPOConfig:
-    return GRPOConfig(steps=60, lr=2e-4, prompts_per_step=16, group_size=8, eval_every=20, eval_problems=128)
+    return GRPOConfig(
+        steps=150, lr=2e-4, prompts_per_step=32, group_size=8, ppo_epochs=2, mini_batches=2,
+        eval_every=50, eval_problems=128,
+    )
 
 
 @dataclass
@@ -25,7 +28,7 @@ class GRPOToyConfig:
     ood_task: str = "multiplication"
     ood_task_options: dict[str, int] = field(default_factory=lambda: {"digits": 2})
     model_size: str = "small"
-    warmup_steps: int = 300
+    warmup_steps: int = 600
     warmup_batch_size: int = 64
     warmup_lr: float = 3e-3
     threads: int = 0
