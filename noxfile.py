@@ -19,7 +19,7 @@ NO_TESTS = 5  # pytest's exit code when a folder holds no test yet: not a failur
 PACKAGES = [CORE, *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "packages").glob("*") if (p / "pyproject.toml").exists())]
 
 nox.options.default_venv_backend = "uv|virtualenv"
-nox.options.sessions = ["tests", "integration", "lint", "typecheck"]
+nox.options.sessions = ["tests", "integration", "lint", "typecheck", "docs"]
 nox.options.reuse_existing_virtualenvs = False
 
 if os.environ.get("PIP_FIND_LINKS") and not os.environ.get("UV_FIND_LINKS"):
@@ -35,7 +35,7 @@ def _short(path: str) -> str:
 
 
 @nox.session(tags=["test"])
-@nox.parametrize("package", [_short(p) for p in PACKAGES], ids=[_short(p) for p in PACKAGES])
+@nox.parametrize("package", [_short(p) for p in PACKAGES])
 def tests(session: nox.Session, package: str) -> None:
     """One package's tests in a fresh venv holding only that package, klcore and their test deps."""
     path = next(p for p in PACKAGES if _short(p) == package)

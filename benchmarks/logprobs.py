@@ -3,8 +3,10 @@
 What it measures, for logits ``[B, T, V]`` (float32 or bfloat16) and taken tokens ``[B, T]``, under
 ``torch.no_grad()`` (the inference setting):
 
-- ``klcore``: ``klcore.logprobs.token_logprobs_and_entropy(logits, tokens)``, which upcasts one chunk of
-  rows at a time to float32 instead of the whole tensor.
+- ``klcore``: ``klcore.logprobs.token_logprobs_and_entropy(logits, tokens)``: on CUDA with triton its fused
+  kernel (one pass per row, online softmax), elsewhere the chunked torch path, which upcasts one chunk of
+  rows at a time to float32 instead of the whole tensor. On CUDA the chunked path is also measured as
+  ``klcore-chunked``.
 - ``naive``: ``lp = log_softmax(logits.float(), -1)``; ``lp.gather(-1, tokens)``; ``-(lp.exp() * lp).sum(-1)``.
 - ``trl`` (only when ``import trl`` works): ``selective_log_softmax(logits, tokens)`` plus
   ``entropy_from_logits(logits)`` from TRL. On CUDA with Triton, TRL may dispatch to its own fused kernel.
@@ -41,7 +43,7 @@ naive footprint (logits plus three float32 copies) exceeds 70% of the available 
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -56,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from klcore.logprobs import token_logprobs_and_entropy
+from klcore.logprobs import DISABLE_FUSED_ENV, token_logprobs_and_entropy
 
 Method = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -85,6 +87,15 @@ def naive(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def klcore_method(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return token_logprobs_and_entropy(logits, tokens)
+
+
+def klcore_chunked(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """klcore's chunked torch path, which CUDA runs only when the fused kernel is disabled."""
+    os.environ[DISABLE_FUSED_ENV] = "1"
+    try:
+        return token_logprobs_and_entropy(logits, tokens)
+    finally:
+        del os.environ[DISABLE_FUSED_ENV]
 
 
 def find_trl() -> tuple[Method | None, str]:
@@ -122,6 +133,8 @@ def get_methods(with_trl: bool = True) -> tuple[dict[str, Method], str]:
         if trl_method is not None:
             methods["trl"] = trl_method
     methods["klcore"] = klcore_method
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+        methods["klcore-chunked"] = klcore_chunked  # the fused kernel is what `klcore` runs there
     return methods, trl_line
 
 

@@ -241,7 +241,7 @@ def test_chunked_equals_unchunked(name: str, dtype: torch.dtype) -> None:
     p, q = _pair(shape=(2, 5), vocab=7, dtype=dtype)
     full = fn(p, q)
     for cs in (1, 3, None):
-        torch.testing.assert_close(fn(p, q, chunk_size=cs), full, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(fn(p, q, chunk_size=cs), full, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(_all_fns()))
@@ -261,7 +261,7 @@ def test_checkpoint_and_chunking_keep_values_and_gradients(name: str) -> None:
     for kw in ({"checkpoint": True}, {"checkpoint": True, "chunk_size": 5}, {"chunk_size": 1}):
         got = run(**kw)
         for a, b in zip(got, base):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
 
 
 def test_kl_gradient_matches_closed_form() -> None:

@@ -9,25 +9,53 @@ import pytest
 import torch
 
 from klcore.divergences import generalized_jsd, kl
-from klcore.logprobs import token_logprobs_and_entropy
+from klcore.logprobs import DISABLE_FUSED_ENV, token_entropy, token_logprobs, token_logprobs_and_entropy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def test_logprobs_bf16_on_cuda_match_float64_and_stay_small() -> None:
-    torch.manual_seed(0)
-    logits = (torch.randn(4, 512, 32768, device="cuda") * 3).bfloat16()
-    tokens = torch.randint(0, 32768, (4, 512), device="cuda")
+def _peak_extra(fn):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    lp, ent = token_logprobs_and_entropy(logits, tokens)
-    peak = torch.cuda.max_memory_allocated() - base
-    ref = torch.log_softmax(logits.double(), -1)
-    torch.testing.assert_close(lp, ref.gather(-1, tokens[..., None]).squeeze(-1).float(), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ent, -(ref.exp() * ref).sum(-1).float(), rtol=1e-4, atol=1e-4)
+    out = fn()
+    torch.cuda.synchronize()
+    return out, torch.cuda.max_memory_allocated() - base
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_logprobs_bf16_on_cuda_match_float64_and_stay_small(fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not fused:
+        monkeypatch.setenv(DISABLE_FUSED_ENV, "1")
+    torch.manual_seed(0)
+    logits = (torch.randn(8, 1024, 32768, device="cuda") * 3).bfloat16()
+    tokens = torch.randint(0, 32768, (8, 1024), device="cuda")
+    (lp, ent), peak = _peak_extra(lambda: token_logprobs_and_entropy(logits, tokens))
     full_fp32 = logits.numel() * 4
-    assert peak < 0.25 * full_fp32  # never a float32 copy of the whole [B, T, V]
+    assert peak < (0.001 if fused else 0.25) * full_fp32  # never a float32 copy of the whole [B, T, V]
+    for b in range(0, 8, 4):  # float64 reference a slice at a time
+        ref = torch.log_softmax(logits[b : b + 4].double(), -1)
+        torch.testing.assert_close(lp[b : b + 4], ref.gather(-1, tokens[b : b + 4, :, None]).squeeze(-1).float(),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ent[b : b + 4], -(ref.exp() * ref).sum(-1).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_fused_gradients_match_chunked_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    base = torch.randn(4, 130, 50000, device="cuda")
+    logits = base[:, 2:].detach().requires_grad_()  # a non-contiguous slice
+    tokens = torch.randint(0, 50000, (4, 128), device="cuda")
+    g1, g2 = torch.randn(4, 128, device="cuda"), torch.randn(4, 128, device="cuda")
+    lp, ent = token_logprobs_and_entropy(logits, tokens, temperature=0.8)
+    (grad_fused,) = torch.autograd.grad((lp * g1 + ent * g2).sum(), logits)
+    monkeypatch.setenv(DISABLE_FUSED_ENV, "1")
+    lp2, ent2 = token_logprobs_and_entropy(logits, tokens, temperature=0.8)
+    (grad_torch,) = torch.autograd.grad((lp2 * g1 + ent2 * g2).sum(), logits)
+    torch.testing.assert_close(lp, lp2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ent2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_fused, grad_torch, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        assert float(token_entropy(logits).min()) > 0 and float(token_logprobs(logits, tokens).max()) < 0
 
 
 def test_divergences_bf16_on_cuda_match_float64() -> None:

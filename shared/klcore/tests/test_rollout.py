@@ -97,3 +97,13 @@ def test_bad_arguments(tiny_model) -> None:
         sample(tiny_model, [[1, 2], []], **kw)
     with pytest.raises(DataError):
         left_pad([], 0)
+
+
+def test_inverse_cdf_draws_follow_the_distribution() -> None:
+    from klcore.rollout import _draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2]]).repeat(20000, 1)
+    tok = _draw(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tok, minlength=5).float() / tok.numel()
+    assert freq[0] == 0 and freq[2] == 0  # zero-probability tokens are never drawn
+    torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)

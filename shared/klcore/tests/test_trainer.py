@@ -23,11 +23,11 @@ def _config(**kw) -> GRPOConfig:
 
 
 class _StartsEven(AdditionTask):
-    """Addition prompts rewarded when the completion starts with an even digit: about half the random
-    policy's samples score, so every group has signal."""
+    """Addition prompts rewarded when the completion's first character has an even code point: about
+    half of a random policy's samples score, so groups have signal."""
 
     def verify(self, problem, completion: str) -> float:
-        return 1.0 if completion[:1] in {"0", "2", "4", "6", "8"} else 0.0
+        return 1.0 if completion and ord(completion[0]) % 2 == 0 else 0.0
 
 
 def _trainer(run_dir: Path, plugins=None, seed: int = 0, sgd: bool = False, **kw) -> GRPOTrainer:

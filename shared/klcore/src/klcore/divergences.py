@@ -54,11 +54,8 @@ def _per_position(
     lead = p_logits.shape[:-1]
     vocab = p_logits.shape[-1]
 
-    def fn(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return row_fn(p.float(), q.float())
-
     (out,) = map_rows(
-        fn,
+        row_fn,
         (p_logits.reshape(-1, vocab), q_logits.reshape(-1, vocab)),
         chunk_size=chunk_size,
         checkpoint=checkpoint,
@@ -72,9 +69,14 @@ def _per_position(
     return out
 
 
+def _lsm(x: torch.Tensor) -> torch.Tensor:
+    """float32 log-softmax of a chunk of rows (the upcast happens inside the kernel)."""
+    return F.log_softmax(x, dim=-1, dtype=torch.float32)
+
+
 def _kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    lp = F.log_softmax(p, dim=-1)
-    lq = F.log_softmax(q, dim=-1)
+    lp = _lsm(p)
+    lq = _lsm(q)
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
@@ -124,8 +126,8 @@ def reverse_kl(
 
 
 def _js_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    lp = F.log_softmax(p, dim=-1)
-    lq = F.log_softmax(q, dim=-1)
+    lp = _lsm(p)
+    lq = _lsm(q)
     lm = torch.logaddexp(lp, lq) - math.log(2.0)
     return 0.5 * (lp.exp() * (lp - lm)).sum(-1) + 0.5 * (lq.exp() * (lq - lm)).sum(-1)
 
@@ -171,8 +173,8 @@ def generalized_jsd(
             return _kl_rows(t, s)
         if b == 1.0:
             return _kl_rows(s, t)
-        ls = F.log_softmax(s, dim=-1)
-        lt = F.log_softmax(t, dim=-1)
+        ls = _lsm(s)
+        lt = _lsm(t)
         lm = torch.logaddexp(ls + math.log1p(-b), lt + math.log(b))
         return b * (lt.exp() * (lt - lm)).sum(-1) + (1.0 - b) * (ls.exp() * (ls - lm)).sum(-1)
 
@@ -202,7 +204,7 @@ def alpha_divergence(
     a = float(alpha)
 
     def rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        mixed = a * F.log_softmax(p, dim=-1) + (1.0 - a) * F.log_softmax(q, dim=-1)
+        mixed = a * _lsm(p) + (1.0 - a) * _lsm(q)
         return -torch.expm1(torch.logsumexp(mixed, dim=-1)) / (a * (1.0 - a))
 
     return _per_position(
@@ -231,8 +233,8 @@ def f_divergence(
         raise ConfigError(f"f must be a callable generator u -> f(u), got {type(f).__name__}")
 
     def rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        lp = F.log_softmax(p, dim=-1)
-        lq = F.log_softmax(q, dim=-1)
+        lp = _lsm(p)
+        lq = _lsm(q)
         return (lq.exp() * f(torch.exp(lp - lq))).sum(-1)
 
     return _per_position(

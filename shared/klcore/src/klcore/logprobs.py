@@ -1,5 +1,9 @@
 """Per-token log-probabilities of taken tokens and per-token entropies, chunked over rows.
 
+On CUDA with triton installed, ``token_logprobs``, ``token_entropy`` and
+``token_logprobs_and_entropy`` run a fused kernel that reads each row once (online softmax) and
+allocates nothing of size ``V``; set ``KLCORE_DISABLE_FUSED=1`` to use the chunked torch path.
+
 Logits stay in their dtype; each chunk of rows is upcast to float32 on its own, so the peak extra
 memory is one float32 chunk instead of a float32 copy of ``[B, T, V]``. The ``*_from_hidden``
 variant also never forms the full logits: it multiplies a chunk of hidden states by the output head,
@@ -9,12 +13,26 @@ All results are float32 with the logits' leading shape (``[B, T]`` for ``[B, T, 
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 from torch import nn
 
 from klcore import _checks
 from klcore._chunks import map_rows
 from klcore.errors import ConfigError, ShapeError
+
+
+#: Set to 1 to use the chunked torch path on CUDA even when triton is installed.
+DISABLE_FUSED_ENV = "KLCORE_DISABLE_FUSED"
+
+
+def _use_fused(x: torch.Tensor) -> bool:
+    """The fused Triton kernel runs for CUDA tensors when triton is importable (and not disabled)."""
+    if not x.is_cuda or os.environ.get(DISABLE_FUSED_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return False
+    return importlib.util.find_spec("triton") is not None
 
 
 def _temperature(t: float) -> float:
@@ -28,7 +46,7 @@ def _tokens(tokens: object, lead: torch.Size, vocab: int) -> torch.Tensor:
     _checks.integer(tok, "tokens")
     if tok.shape != lead:
         raise ShapeError(f"tokens has shape {tuple(tok.shape)} but the logits' leading shape is {tuple(lead)}")
-    if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= vocab):
+    if tok.numel() and bool(((tok < 0) | (tok >= vocab)).any()):
         raise ShapeError(
             f"tokens must lie in [0, {vocab}) (the vocabulary size), got values in [{int(tok.min())}, {int(tok.max())}]"
         )
@@ -41,15 +59,36 @@ def _logits(logits: object) -> torch.Tensor:
     return x
 
 
-def _rows(x: torch.Tensor, inv_t: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 scaled logits and their logsumexp for a ``[n, V]`` chunk."""
+def _scaled(x: torch.Tensor, inv_t: float) -> torch.Tensor:
+    """A ``[n, V]`` chunk as float32 logits divided by the temperature."""
     z = x.float()
-    if inv_t != 1.0:
-        z = z * inv_t
-    return z, torch.logsumexp(z, dim=-1)
+    return z * inv_t if inv_t != 1.0 else z
+
+
+def _log_softmax(x: torch.Tensor, inv_t: float) -> torch.Tensor:
+    """float32 log-softmax of a ``[n, V]`` chunk at temperature 1 / inv_t.
+
+    At temperature 1 the upcast happens inside the kernel (``dtype=float32``: no separate copy)."""
+    if inv_t == 1.0:
+        return torch.log_softmax(x, dim=-1, dtype=torch.float32)
+    return torch.log_softmax(x.float() * inv_t, dim=-1)
+
+
+def _lp_and_entropy(lp: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Taken-token log-prob and entropy from float32 log-probs ``[n, V]``."""
+    return lp.gather(-1, ids.unsqueeze(-1)).squeeze(-1), -torch.linalg.vecdot(lp.exp(), lp)
+
+
+def _fused_pair(x: torch.Tensor, tokens: torch.Tensor, inv_t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from klcore import _fused
+
+    return _fused.logprob_and_entropy(x, tokens, inv_t)
 
 
 def _check_out(*outs: torch.Tensor) -> None:
+    """One device sync for all outputs; name the first bad position when one is not finite."""
+    if bool(torch.stack([torch.isfinite(o.detach()).all() for o in outs]).all()):
+        return
     for out in outs:
         _checks.finite(out.detach(), "per-token result (the logits hold NaN or inf at this position)")
 
@@ -67,10 +106,14 @@ def token_logprobs(
     vocab, lead = x.shape[-1], x.shape[:-1]
     tok = _tokens(tokens, lead, vocab)
     inv_t = 1.0 / _temperature(temperature)
+    if _use_fused(x):
+        out = _fused_pair(x, tok, inv_t)[0]
+        _check_out(out)
+        return out
 
     def fn(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        z, lse = _rows(rows, inv_t)
-        return z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+        z = _scaled(rows, inv_t)
+        return z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
     (out,) = map_rows(
         fn, (x.reshape(-1, vocab), tok.reshape(-1)), chunk_size=chunk_size, checkpoint=checkpoint, vocab=vocab
@@ -78,10 +121,6 @@ def token_logprobs(
     out = out.reshape(lead)
     _check_out(out)
     return out
-
-
-def _entropy_rows(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    return lse - (torch.exp(z - lse.unsqueeze(-1)) * z).sum(-1)
 
 
 def token_entropy(
@@ -95,9 +134,14 @@ def token_entropy(
     x = _logits(logits)
     vocab, lead = x.shape[-1], x.shape[:-1]
     inv_t = 1.0 / _temperature(temperature)
+    if _use_fused(x):
+        out = _fused_pair(x, torch.zeros(lead, dtype=torch.long, device=x.device), inv_t)[1]
+        _check_out(out)
+        return out
 
     def fn(rows: torch.Tensor) -> torch.Tensor:
-        return _entropy_rows(*_rows(rows, inv_t))
+        lp = _log_softmax(rows, inv_t)
+        return -torch.linalg.vecdot(lp.exp(), lp)
 
     (out,) = map_rows(fn, (x.reshape(-1, vocab),), chunk_size=chunk_size, checkpoint=checkpoint, vocab=vocab)
     out = out.reshape(lead)
@@ -118,10 +162,13 @@ def token_logprobs_and_entropy(
     vocab, lead = x.shape[-1], x.shape[:-1]
     tok = _tokens(tokens, lead, vocab)
     inv_t = 1.0 / _temperature(temperature)
+    if _use_fused(x):
+        lp, ent = _fused_pair(x, tok, inv_t)
+        _check_out(lp, ent)
+        return lp, ent
 
     def fn(rows: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z, lse = _rows(rows, inv_t)
-        return z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse, _entropy_rows(z, lse)
+        return _lp_and_entropy(_log_softmax(rows, inv_t), ids)
 
     lp, ent = map_rows(
         fn, (x.reshape(-1, vocab), tok.reshape(-1)), chunk_size=chunk_size, checkpoint=checkpoint, vocab=vocab
@@ -170,9 +217,11 @@ def token_logprobs_from_hidden(
     inv_t = 1.0 / _temperature(temperature)
 
     def fn(rows: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        z, lse = _rows(nn.functional.linear(rows, weight, bias), inv_t)
-        lp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
-        return (lp, _entropy_rows(z, lse)) if with_entropy else (lp,)
+        logits = nn.functional.linear(rows, weight, bias)
+        if with_entropy:
+            return _lp_and_entropy(_log_softmax(logits, inv_t), ids)
+        z = _scaled(logits, inv_t)
+        return (z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1),)
 
     outs = map_rows(
         fn, (h.reshape(-1, h.shape[-1]), tok.reshape(-1)), chunk_size=chunk_size, checkpoint=checkpoint, vocab=vocab

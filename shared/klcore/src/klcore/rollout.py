@@ -88,6 +88,16 @@ def _cache_argument(model: nn.Module) -> str:
     )
 
 
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of ``probs`` ``[n, V]`` by inverse CDF; the uniforms come from ``generator``
+    on its own device (a CPU generator works for a CUDA model, and draws do not depend on the device)."""
+    device = generator.device if generator is not None else probs.device
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=device).to(probs.device)
+    cdf = probs.cumsum(-1)
+    tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    return tok.clamp(max=probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -140,8 +150,7 @@ def sample(
             if greedy:
                 tok = scaled.argmax(-1)
             else:
-                probs = torch.softmax(_top_p_filter(scaled, float(top_p)), dim=-1)
-                tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                tok = _draw(torch.softmax(_top_p_filter(scaled, float(top_p)), dim=-1), generator)
             tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
             tokens.append(tok)
             logps.append(torch.where(done, torch.zeros_like(logp[:, 0]), logp.gather(-1, tok[:, None]).squeeze(-1)))

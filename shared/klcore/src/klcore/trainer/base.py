@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
@@ -69,6 +70,11 @@ class Trainer(abc.ABC):
     ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
+        if accelerator is None:
+            # accelerate keeps one process-wide state; a second run in this process (a test, a notebook,
+            # `nox -s demo` running several recipes) may ask for another precision. The process group
+            # (PartialState) is kept.
+            AcceleratorState._reset_state()
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision,
             log_with=config.log_with or None,
