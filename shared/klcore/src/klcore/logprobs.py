@@ -23,7 +23,6 @@ from klcore import _checks
 from klcore._chunks import map_rows
 from klcore.errors import ConfigError, ShapeError
 
-
 #: Set to 1 to use the chunked torch path on CUDA even when triton is installed.
 DISABLE_FUSED_ENV = "KLCORE_DISABLE_FUSED"
 
