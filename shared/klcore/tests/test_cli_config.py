@@ -35,7 +35,7 @@ def test_run_grpo_toy_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [0, 1]
     config = json.loads((tmp_path / "recipe.json").read_text())["config"]
-    assert config["trainer"]["steps"] == 2 and config["trainer"]["lr"] == pytest.approx(2e-4)  # recipe default kept
+    assert config["trainer"]["steps"] == 2 and config["trainer"]["lr"] == pytest.approx(1e-4)  # recipe default kept
 
 
 def test_config_file_then_overrides(tmp_path: Path) -> None:

@@ -262,6 +262,33 @@ def test_from_hidden_head_gradient_with_frozen_hidden_and_checkpoint() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def _saved_bytes(fn) -> int:
+    """Bytes of all tensors autograd saves for backward while ``fn`` runs (deterministic, not timing)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.mark.parametrize("hidden_needs_grad", [True, False])  # False: only the head is trainable
+def test_from_hidden_checkpoint_keeps_no_logits_for_backward(hidden_needs_grad: bool) -> None:
+    n, hidden_size, vocab, chunk = 64, 8, 1000, 16
+    hidden = torch.randn(n, hidden_size, requires_grad=hidden_needs_grad)
+    weight = torch.randn(vocab, hidden_size, requires_grad=True)
+    tokens = torch.randint(0, vocab, (n,))
+    logits_bytes = n * vocab * 4
+    plain = _saved_bytes(lambda: token_logprobs_from_hidden(hidden, weight, tokens, chunk_size=chunk))
+    assert plain >= logits_bytes  # control: without checkpointing the float32 logits are kept
+    ckpt = _saved_bytes(lambda: token_logprobs_from_hidden(hidden, weight, tokens, chunk_size=chunk, checkpoint=True))
+    assert ckpt < logits_bytes / 8
+
+
 def test_from_hidden_bf16_hidden() -> None:
     hidden = torch.randn(2, 3, 8).to(torch.bfloat16)
     w = torch.randn(10, 8).to(torch.bfloat16)

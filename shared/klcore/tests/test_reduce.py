@@ -63,6 +63,7 @@ def test_aggregate_matches_hand_formula(mode: str, mask_kind: str) -> None:
 def test_modes_differ_on_this_batch() -> None:
     """The batch used above distinguishes all four modes (so a mode mix-up cannot pass)."""
     values, mask = _batch()
+    values = values.abs() + 0.1  # keep the sum away from 0, where all modes agree
     outs = [float(aggregate(values, mask, mode)) for mode in MODES]
     assert len({round(v, 5) for v in outs}) == len(MODES)
 
@@ -125,13 +126,15 @@ def test_micro_batches_with_global_counts_sum_to_full_batch(mode: str) -> None:
 
 def test_micro_batches_without_global_counts_differ() -> None:
     """Control: averaging local token-means of uneven micro-batches is not the global token-mean."""
-    values = torch.randn(4, 5)
+    values = torch.zeros(4, 5)
+    values[0, 0] = 16.0
     mask = torch.zeros(4, 5, dtype=torch.bool)
     mask[0, :1] = True
     mask[1:, :] = True
     full = float(aggregate(values, mask, "token-mean"))
+    assert full == 1.0  # 16 / 16 valid tokens
     naive = 0.5 * float(aggregate(values[:1], mask[:1]) + aggregate(values[1:], mask[1:]))
-    assert abs(naive - full) > 1e-3
+    assert naive == 8.0  # 0.5 * (16 / 1 + 0 / 15)
     counts = global_counts(mask)
     good = float(aggregate(values[:1], mask[:1], counts=counts) + aggregate(values[1:], mask[1:], counts=counts))
     assert good == pytest.approx(full, rel=1e-6)

@@ -23,7 +23,7 @@ RowFn = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
 def rows_per_chunk(vocab: int, chunk_size: int | None) -> int:
     if chunk_size is None:
         return max(1, DEFAULT_CHUNK_ELEMENTS // max(vocab, 1))
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ConfigError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
     return chunk_size
 
@@ -42,7 +42,8 @@ def map_rows(
     """
     n = rows[0].shape[0]
     step = rows_per_chunk(vocab, chunk_size)
-    use_ckpt = checkpoint and torch.is_grad_enabled() and any(r.requires_grad for r in rows)
+    # not conditioned on the rows requiring grad: ``fn`` may close over trainable tensors (an output head)
+    use_ckpt = checkpoint and torch.is_grad_enabled()
     outs: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, max(n, 1), step):
         chunk = tuple(r[start : start + step] for r in rows)

@@ -164,7 +164,7 @@ def generalized_jsd(
     beta KL(T || S) near 0 and (1 - beta) KL(S || T) near 1). Swapping student and teacher maps beta
     to 1 - beta; beta = 0.5 is ``js``.
     """
-    if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
         raise ConfigError(f"beta must be a number in [0, 1], got {beta!r}")
     b = float(beta)
 
@@ -199,7 +199,7 @@ def alpha_divergence(
     squared Hellinger distance. Computed as -expm1(logsumexp(alpha log P + (1-alpha) log Q)) so it
     stays accurate near the endpoints. Float32 ``[...]``.
     """
-    if not isinstance(alpha, (int, float)) or not 0.0 < float(alpha) < 1.0:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < float(alpha) < 1.0:
         raise ConfigError(f"alpha must be a number strictly between 0 and 1, got {alpha!r}; use kl() at the endpoints")
     a = float(alpha)
 
@@ -272,10 +272,13 @@ def kl_estimate(
     _checks.finite(b.detach(), "logp_other")
     r = b - a
     if kind == "k1":
-        return -r
-    if kind == "k2":
-        return 0.5 * r * r
-    return torch.expm1(r) - r
+        out = -r
+    elif kind == "k2":
+        out = 0.5 * r * r
+    else:
+        out = torch.expm1(r) - r
+    _checks.finite(out.detach(), f"{kind} estimate (exp of a log-ratio above ~88 overflows float32; clamp the ratio)")
+    return out
 
 
 __all__ = [

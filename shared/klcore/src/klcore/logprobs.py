@@ -35,7 +35,7 @@ def _use_fused(x: torch.Tensor) -> bool:
 
 
 def _temperature(t: float) -> float:
-    if not isinstance(t, (int, float)) or not float(t) > 0.0:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not float(t) > 0.0:
         raise ConfigError(f"temperature must be a positive number, got {t!r}")
     return float(t)
 

@@ -125,7 +125,7 @@ class Trainer(abc.ABC):
         self.plugins.hook.klcore_train_start(trainer=self)
         bar = tqdm(
             total=cfg.steps, initial=self.step, disable=not (cfg.progress and acc.is_local_main_process),
-            desc=type(self).__name__, dynamic_ncols=True,
+            desc=type(self).__name__, dynamic_ncols=True, mininterval=1.0,
         )
         last_saved = -1
         while self.step < cfg.steps:
