@@ -83,9 +83,8 @@ text = Path("docs", f"{doc_name}.md").read_text()
 top = next(p.name for p in (root / "src").iterdir() if p.is_dir() and (p / "__init__.py").exists())
 pkg = importlib.import_module(top)
 missing = []
-for mod in [pkg, *(importlib.import_module(m.name) for m in pkgutil.walk_packages(pkg.__path__, top + "."))]:
-    if mod.__name__.split(".")[-1].startswith("_"):
-        continue
+public = [m.name for m in pkgutil.walk_packages(pkg.__path__, top + ".") if not m.name.split(".")[-1].startswith("_")]
+for mod in [pkg, *map(importlib.import_module, public)]:
     for name in getattr(mod, "__all__", []):
         if not name.startswith("_") and not re.search(rf"\\b{name}\\b", text):
             missing.append(f"{mod.__name__}.{name}")
