@@ -118,7 +118,7 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path: Path) -> None:
 def _one_step_params(run_dir: Path, **kw) -> list[torch.Tensor]:
     t = _trainer(run_dir, steps=1, **kw)
     t.train()
-    return [p.detach().clone() for p in t.unwrapped_model.parameters()]
+    return [p.detach().cpu().clone() for p in t.unwrapped_model.parameters()]
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])

@@ -14,15 +14,17 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from klcore.errors import ConfigError
 
-#: Elements of float32 work memory per chunk when ``chunk_size`` is not given (64 MiB).
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+#: Elements of float32 work memory per chunk when ``chunk_size`` is not given: 16 MiB on the CPU
+#: (cache-friendly, and a peak below TRL's row loop), 64 MiB on accelerators (fewer kernel launches).
+DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 22, "accelerator": 1 << 24}
 
 RowFn = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
 
 
-def rows_per_chunk(vocab: int, chunk_size: int | None) -> int:
+def rows_per_chunk(vocab: int, chunk_size: int | None, device: torch.device) -> int:
     if chunk_size is None:
-        return max(1, DEFAULT_CHUNK_ELEMENTS // max(vocab, 1))
+        budget = DEFAULT_CHUNK_ELEMENTS["cpu" if device.type == "cpu" else "accelerator"]
+        return max(1, budget // max(vocab, 1))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ConfigError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
     return chunk_size
@@ -41,7 +43,7 @@ def map_rows(
     ``fn`` receives the chunks in the order given and returns one tensor or a tuple of ``[n]`` tensors.
     """
     n = rows[0].shape[0]
-    step = rows_per_chunk(vocab, chunk_size)
+    step = rows_per_chunk(vocab, chunk_size, rows[0].device)
     # not conditioned on the rows requiring grad: ``fn`` may close over trainable tensors (an output head)
     use_ckpt = checkpoint and torch.is_grad_enabled()
     outs: list[tuple[torch.Tensor, ...]] = []
