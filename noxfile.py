@@ -110,6 +110,7 @@ def demo(session: nox.Session) -> None:
 
 
 _DEMO = """
+import json
 import sys
 from pathlib import Path
 from klcore.plugins import build_plugin_manager
@@ -117,11 +118,12 @@ from klcore.recipes import run_recipe
 plugins = build_plugin_manager()
 for name in plugins.registry("recipe"):
     print(f"=== klcore run {name}", flush=True)
-    run_recipe(plugins, name, out=Path(sys.argv[1]) / name)
+    print(json.dumps(run_recipe(plugins, name, out=Path(sys.argv[1]) / name), indent=2), flush=True)
 """
 
 
 _DEMO = """
+import json
 import sys
 from pathlib import Path
 from klcore.plugins import build_plugin_manager
@@ -129,7 +131,7 @@ from klcore.recipes import run_recipe
 plugins = build_plugin_manager()
 for name in plugins.registry("recipe"):
     print(f"=== klcore run {name}", flush=True)
-    run_recipe(plugins, name, out=Path(sys.argv[1]) / name)
+    print(json.dumps(run_recipe(plugins, name, out=Path(sys.argv[1]) / name), indent=2), flush=True)
 """
 
 
