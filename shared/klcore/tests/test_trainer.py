@@ -198,3 +198,5 @@ def test_bf16_mixed_precision_runs(tmp_path: Path) -> None:
     rows = _trainer(tmp_path, steps=2, mixed_precision="bf16", lr=1e-2).train()
     assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)
     assert rows[-1]["optim/grad_norm"] > 0
+    # accelerate's prepared forward autocasts both the old-log-prob pass and the update: ratio is one
+    assert all(r["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6) for r in rows)
