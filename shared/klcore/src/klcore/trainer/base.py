@@ -237,9 +237,9 @@ class Trainer(abc.ABC):
         name = run_folder.checkpoint_name(self.step)
         tmp, final = root / f".tmp-{name}", root / name
         if acc.is_main_process:
-            root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)  # before the barrier: every rank writes its RNG state into it
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         states = self.plugins.call_each("klcore_save_checkpoint", trainer=self, step=self.step)
