@@ -23,7 +23,7 @@ nox.options.sessions = ["tests", "integration", "lint", "typecheck", "docs"]
 nox.options.reuse_existing_virtualenvs = False
 
 if os.environ.get("PIP_FIND_LINKS") and not os.environ.get("UV_FIND_LINKS"):
-    os.environ["UV_FIND_LINKS"] = os.environ["PIP_FIND_LINKS"]
+    os.environ["UV_FIND_LINKS"] = ",".join(os.environ["PIP_FIND_LINKS"].split())  # uv: comma-separated
 
 
 def _install(session: nox.Session, *args: str) -> None:
@@ -107,19 +107,6 @@ def demo(session: nox.Session) -> None:
     _install(session, f"{CORE}[lm]", *[p for p in PACKAGES if p != CORE])
     out = session.posargs[0] if session.posargs else "runs/demo"
     session.run("python", "-c", _DEMO, out)
-
-
-_DEMO = """
-import json
-import sys
-from pathlib import Path
-from klcore.plugins import build_plugin_manager
-from klcore.recipes import run_recipe
-plugins = build_plugin_manager()
-for name in plugins.registry("recipe"):
-    print(f"=== klcore run {name}", flush=True)
-    print(json.dumps(run_recipe(plugins, name, out=Path(sys.argv[1]) / name), indent=2), flush=True)
-"""
 
 
 _DEMO = """

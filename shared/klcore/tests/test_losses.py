@@ -55,3 +55,14 @@ def test_bad_inputs() -> None:
         ppo_clip_loss(x, x, x, torch.zeros(2, 3))
     with pytest.raises(ConfigError):
         ppo_clip_loss(x, x, x, torch.ones(2, 3), clip_low=1.5)
+
+
+def test_garbage_at_padding_does_not_reach_the_gradient() -> None:
+    old = torch.tensor([[-1.0, -2.0, -300.0]])
+    new = torch.tensor([[-1.1, -1.9, 0.0]], requires_grad=True)  # exp(300) would overflow at the padding
+    adv = torch.ones(1, 3)
+    mask = torch.tensor([[True, True, False]])
+    loss, metrics = ppo_clip_loss(old, new, adv, mask)
+    loss.backward()
+    assert torch.isfinite(new.grad).all() and new.grad[0, 2] == 0
+    assert torch.isfinite(metrics["policy/ratio_mean"])

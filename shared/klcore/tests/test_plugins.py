@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from klcore import Component, hookimpl
-from klcore.errors import DuplicateNameError, UnknownNameError
+from klcore.errors import ConfigError, DuplicateNameError, PluginError, UnknownNameError
 from klcore.plugins import DISABLE_AUTOLOAD_ENV, Registered, build_plugin_manager
 
 PYPROJECT = """
@@ -180,3 +180,39 @@ def test_enable_registers_runtime_object(plugins) -> None:
     assert obj.weight == 2.0 and obj.seen == 7
     with pytest.raises(UnknownNameError):
         plugins.enable("regulariser", "r")
+
+
+class _RegistersMany:
+    @hookimpl
+    def klcore_register_losses(self) -> list[Component]:
+        return [Component("mine", lambda *a, **k: None), Component("vanilla", lambda *a, **k: None)]
+
+
+def test_clash_leaves_nothing_half_loaded() -> None:
+    plugins = build_plugin_manager(load_entrypoints=False)
+    with pytest.raises(DuplicateNameError):
+        plugins.load("clash", _RegistersMany())
+    assert "mine" not in plugins.registry("loss")
+    assert plugins.pm.get_plugin("clash") is None
+
+
+def test_enable_rejects_bad_objects_and_options() -> None:
+    class Misspelled:
+        @hookimpl
+        def klcore_extra_los(self) -> None:
+            return None
+
+    class Fine:
+        def __init__(self, weight: float = 1.0) -> None:
+            self.weight = weight
+
+    plugins = build_plugin_manager(load_entrypoints=False)
+    plugins.registries["regulariser"].add(Registered(Component("bad", Misspelled), owner="t"))
+    plugins.registries["regulariser"].add(Registered(Component("fine", Fine), owner="t"))
+    with pytest.raises(PluginError, match="klcore_extra_los"):
+        plugins.enable("regulariser", "bad")
+    with pytest.raises(ConfigError, match="wieght"):
+        plugins.enable("regulariser", "fine", {"wieght": 2})
+    plugins.enable("regulariser", "fine")
+    with pytest.raises(PluginError):
+        plugins.enable("regulariser", "fine")

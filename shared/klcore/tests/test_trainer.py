@@ -200,3 +200,15 @@ def test_bf16_mixed_precision_runs(tmp_path: Path) -> None:
     assert rows[-1]["optim/grad_norm"] > 0
     # accelerate's prepared forward autocasts both the old-log-prob pass and the update: ratio is one
     assert all(r["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6) for r in rows)
+
+
+def test_accelerator_with_its_own_accumulation_is_rejected(tmp_path: Path) -> None:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    model = tiny_causal_lm(tiny_config("tiny"), seed=0)
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        GRPOTrainer(model, char_tokenizer(), _StartsEven(digits=1), _config(), run_dir=tmp_path,
+                    accelerator=Accelerator(gradient_accumulation_steps=2),
+                    plugins=build_plugin_manager(load_entrypoints=False))

@@ -76,5 +76,5 @@ def run(config: GRPOToyConfig, run_dir: Path) -> dict[str, Any]:
     }
     for name in eval_tasks:
         key = f"eval/{name}_accuracy"
-        summary[f"{key}_start"], summary[f"{key}_end"] = first.get(key), last.get(key)
+        summary[f"{key}_start"], summary[f"{key}_end"] = first.get(key), last.get(f"{key}_final")
     return summary

@@ -21,7 +21,7 @@ from torch import nn
 
 from klcore import _checks
 from klcore._chunks import map_rows
-from klcore.errors import ConfigError, ShapeError
+from klcore.errors import ConfigError, DTypeError, ShapeError
 
 #: Set to 1 to use the chunked torch path on CUDA even when triton is installed.
 DISABLE_FUSED_ENV = "KLCORE_DISABLE_FUSED"
@@ -40,9 +40,14 @@ def _temperature(t: float) -> float:
     return float(t)
 
 
-def _tokens(tokens: object, lead: torch.Size, vocab: int) -> torch.Tensor:
+def _tokens(tokens: object, lead: torch.Size, vocab: int, device: torch.device) -> torch.Tensor:
     tok = _checks.tensor(tokens, "tokens")
-    _checks.integer(tok, "tokens")
+    if tok.dtype not in (torch.int32, torch.int64):
+        raise DTypeError(f"tokens must be int64 (or int32) ids, got dtype {tok.dtype}")
+    if vocab < 1:
+        raise ShapeError("the logits have an empty vocabulary axis (V = 0)")
+    if tok.device != device:
+        raise ShapeError(f"tokens are on {tok.device} but the logits are on {device}; move both to one device")
     if tok.shape != lead:
         raise ShapeError(f"tokens has shape {tuple(tok.shape)} but the logits' leading shape is {tuple(lead)}")
     if tok.numel() and bool(((tok < 0) | (tok >= vocab)).any()):
@@ -103,7 +108,7 @@ def token_logprobs(
     """log softmax(logits / temperature)[token] per position: ``[..., V], [...] -> [...]`` float32."""
     x = _logits(logits)
     vocab, lead = x.shape[-1], x.shape[:-1]
-    tok = _tokens(tokens, lead, vocab)
+    tok = _tokens(tokens, lead, vocab, x.device)
     inv_t = 1.0 / _temperature(temperature)
     if _use_fused(x):
         out = _fused_pair(x, tok, inv_t)[0]
@@ -159,7 +164,7 @@ def token_logprobs_and_entropy(
     """Both ``token_logprobs`` and ``token_entropy`` in one pass over the logits."""
     x = _logits(logits)
     vocab, lead = x.shape[-1], x.shape[:-1]
-    tok = _tokens(tokens, lead, vocab)
+    tok = _tokens(tokens, lead, vocab, x.device)
     inv_t = 1.0 / _temperature(temperature)
     if _use_fused(x):
         lp, ent = _fused_pair(x, tok, inv_t)
@@ -212,7 +217,7 @@ def token_logprobs_from_hidden(
     if weight.shape[1] != h.shape[-1]:
         raise ShapeError(f"head weight has shape {tuple(weight.shape)} ([V, H]) but hidden size is {h.shape[-1]}")
     vocab, lead = weight.shape[0], h.shape[:-1]
-    tok = _tokens(tokens, lead, vocab)
+    tok = _tokens(tokens, lead, vocab, h.device)
     inv_t = 1.0 / _temperature(temperature)
 
     def fn(rows: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:

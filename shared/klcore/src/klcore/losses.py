@@ -51,7 +51,8 @@ def ppo_clip_loss(
     if not (0 <= clip_low < 1 and clip_high >= 0):
         raise ConfigError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
     m = check_policy_inputs(old_log_prob, log_prob, advantages, mask)
-    log_ratio = log_prob - old_log_prob.detach()
+    # zero at padding, whose log-probs may be garbage: exp would overflow and 0 * inf poison the gradient
+    log_ratio = torch.where(m, log_prob - old_log_prob.detach(), torch.zeros((), device=log_prob.device))
     ratio = torch.exp(log_ratio)
     adv = advantages.detach().float()
     unclipped = -adv * ratio

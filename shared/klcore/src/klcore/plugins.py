@@ -22,7 +22,7 @@ from typing import Any
 import pluggy
 
 from klcore import hookspecs
-from klcore.errors import DuplicateNameError, PluginError, UnknownNameError
+from klcore.errors import ConfigError, DuplicateNameError, PluginError, UnknownNameError
 from klcore.hookspecs import Component
 
 log = logging.getLogger(__name__)
@@ -73,15 +73,21 @@ class Registry(Mapping[str, Registered]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def check_new(self, entries: list[Registered]) -> None:
+        """Raise ``DuplicateNameError`` if any of ``entries`` clashes with the registry or with another."""
+        seen = dict(self._items)
+        for entry in entries:
+            name = entry.component.name
+            if name in seen:
+                raise DuplicateNameError(
+                    f"{self.kind} {name!r} is registered by both plugin {seen[name].owner!r} and plugin "
+                    f"{entry.owner!r}; uninstall one of them or rename the component"
+                )
+            seen[name] = entry
+
     def add(self, entry: Registered) -> None:
-        name = entry.component.name
-        if name in self._items:
-            first = self._items[name]
-            raise DuplicateNameError(
-                f"{self.kind} {name!r} is registered by both plugin {first.owner!r} and plugin {entry.owner!r}; "
-                "uninstall one of them or rename the component"
-            )
-        self._items[name] = entry
+        self.check_new([entry])
+        self._items[entry.component.name] = entry
 
     def get_component(self, name: str) -> Any:
         """The ``obj`` of the component called ``name``."""
@@ -144,6 +150,12 @@ class Plugins:
                     self._fail(name, hook_name, exc)
                     return False
                 entries += [(kind, Registered(c, owner=name, distribution=distribution)) for c in components]
+        try:
+            for kind in KINDS:  # check every name before filing any, so a clash leaves nothing half-loaded
+                self.registries[kind].check_new([e for k, e in entries if k == kind])
+        except DuplicateNameError:
+            self.pm.unregister(plugin)
+            raise
         for kind, entry in entries:
             self.registries[kind].add(entry)
         self.distributions[name] = distribution
@@ -152,8 +164,18 @@ class Plugins:
     def enable(self, kind: str, name: str, options: Mapping[str, Any] | None = None) -> object:
         """Build the ``kind`` component ``name`` with ``options`` and register it for this run."""
         factory = self.registry(kind).get_component(name)
-        obj = factory(**dict(options or {}))
-        self.pm.register(obj, name=f"{kind}:{name}")
+        try:
+            obj = factory(**dict(options or {}))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"cannot build {kind} {name!r} with options {dict(options or {})}: {exc}") from exc
+        try:
+            self.pm.register(obj, name=f"{kind}:{name}")
+        except ValueError as exc:  # pluggy: already registered, or a hook with arguments its spec lacks
+            raise PluginError(f"cannot enable {kind} {name!r}: {exc}") from exc
+        unknown = [hc.name for hc in self.pm.get_hookcallers(obj) or [] if hc.spec is None]
+        if unknown:
+            self.pm.unregister(obj)
+            raise PluginError(f"{kind} {name!r} implements hooks klcore does not define: {unknown}")
         return obj
 
     def call_each(self, hook_name: str, **kwargs: Any) -> dict[str, Any]:

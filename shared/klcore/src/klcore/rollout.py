@@ -93,9 +93,10 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     on its own device (a CPU generator works for a CUDA model, and draws do not depend on the device)."""
     device = generator.device if generator is not None else probs.device
     u = torch.rand((probs.shape[0], 1), generator=generator, device=device).to(probs.device)
-    cdf = probs.cumsum(-1)
-    tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
-    return tok.clamp(max=probs.shape[-1] - 1)
+    cdf = probs.double().cumsum(-1)  # float64: tiny probabilities keep their share of the interval
+    tok = torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True).squeeze(-1)
+    last_positive = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
+    return torch.minimum(tok, last_positive)
 
 
 @torch.no_grad()
@@ -131,11 +132,12 @@ def sample(
     ids, attn = ids.to(device), attn.to(device)
     n, prompt_len = ids.shape
     cache_arg = _cache_argument(model)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     was_training = model.training
     model.eval()
     try:
         out = model(
-            input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=True, logits_to_keep=1
+            input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=True, **keep
         )
         cache = out[cache_arg]
         next_logits = out.logits[:, -1]

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -81,6 +81,7 @@ class Trainer(abc.ABC):
             project_dir=str(self.run_dir),
             step_scheduler_with_optimizer=False,
         )
+        _check_engine(self.accelerator)
         set_seed(config.seed)
         self.plugins = plugins if plugins is not None else build_plugin_manager()
         for name, options in config.regularisers.items():
@@ -118,8 +119,7 @@ class Trainer(abc.ABC):
     def train(self) -> list[Metrics]:
         """Run from the current (or resumed) step to ``config.steps``; return every step's metrics."""
         cfg, acc = self.config, self.accelerator
-        if cfg.resume:
-            self.resume()
+        resumed = cfg.resume and self.resume()
         if cfg.log_with:
             acc.init_trackers("klcore", config=_flat(to_dict(cfg)))
         self.plugins.hook.klcore_train_start(trainer=self)
@@ -127,7 +127,7 @@ class Trainer(abc.ABC):
             total=cfg.steps, initial=self.step, disable=not (cfg.progress and acc.is_local_main_process),
             desc=type(self).__name__, dynamic_ncols=True, mininterval=1.0,
         )
-        last_saved = -1
+        last_saved = self.step if resumed else -1  # a resumed run's checkpoint of this step exists
         while self.step < cfg.steps:
             step = self.step
             started = time.perf_counter()
@@ -196,11 +196,11 @@ class Trainer(abc.ABC):
                         _merge(terms, extra or {}, "klcore_extra_loss")
                     total = loss + sum(terms.values(), torch.zeros((), device=loss.device))
                 acc.backward(total)
-            world = counts.world_size
-            summed["loss/objective"] += float(loss.detach()) / world
-            summed["loss/total"] += float(total.detach()) / world
+            # shares carry a factor world_size; the mean over ranks in reduce_metrics gives the global value
+            summed["loss/objective"] += float(loss.detach())
+            summed["loss/total"] += float(total.detach())
             for k, term in terms.items():
-                summed[k] += float(term.detach()) / world
+                summed[k] += float(term.detach())
             for k, value in metrics.items():
                 averaged[k] += float(value) / len(starts)
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
@@ -214,8 +214,14 @@ class Trainer(abc.ABC):
     def reduce_metrics(self, metrics: Mapping[str, float]) -> Metrics:
         """Mean of every metric over processes (same key order on every rank)."""
         keys = sorted(metrics)
-        if self.accelerator.num_processes == 1 or not keys:
+        if self.accelerator.num_processes == 1:
             return {k: float(metrics[k]) for k in keys}
+        per_rank = gather_object([keys])
+        if any(k != keys for k in per_rank):
+            raise PluginError(
+                "processes logged different metric names this step (a plugin returned a metric on some ranks only): "
+                + "; ".join(f"rank {i}: {k}" for i, k in enumerate(per_rank))
+            )
         values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.accelerator.device)
         values = self.accelerator.reduce(values, reduction="mean")
         return dict(zip(keys, values.tolist(), strict=True))
@@ -269,6 +275,20 @@ class Trainer(abc.ABC):
         else:
             self.history = [r for r in self.metrics_log.read() if r.get("step", 0) < self.step]
         return True
+
+
+def _check_engine(acc: Accelerator) -> None:
+    """The loop accumulates micro-batch gradients itself (loss shares are globally normalised)."""
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError(
+            "klcore's trainer does not support DeepSpeed yet: DeepSpeed steps its optimiser inside backward on every "
+            "micro-batch, which breaks the loop's global loss normalisation; use DDP or FSDP through accelerate"
+        )
+    if acc.gradient_accumulation_steps != 1:
+        raise ConfigError(
+            f"pass an Accelerator with gradient_accumulation_steps=1 (got {acc.gradient_accumulation_steps}); "
+            "set the trainer's micro_batch_size instead: it accumulates with globally normalised shares"
+        )
 
 
 def _merge(into: dict[str, Any], extra: Mapping[str, Any], hook: str) -> None:

@@ -77,7 +77,9 @@ class GRPOConfig(TrainerConfig):
 
     ``max_new_tokens = 0`` uses the task's longest answer plus two. ``kl_coef > 0`` adds a KL
     penalty to a frozen copy of the initial policy with the ``kl_estimator`` (k1, k2 or k3), as in
-    verl's ``use_kl_loss``. ``eval_every = 0`` evaluates only before the first and after the last step.
+    verl's ``use_kl_loss``. Evaluation runs before step 0, every ``eval_every`` steps (0: never in
+    between), and after the last update (logged as ``eval/<task>_accuracy_final``). A constant
+    ``norm_length`` for ``seq-mean-token-sum-norm`` defaults to ``max_new_tokens``.
     """
 
     lr: float = 1e-5

@@ -126,9 +126,15 @@ class GRPOTrainer(Trainer):
                 (kl_estimate(roll.logprobs, batch["old_log_prob"], "k3", mask=mask) * valid).sum() / valid.sum()
             ),
         }
-        if self.eval_tasks and (step == 0 or step == cfg.steps - 1 or (cfg.eval_every and step % cfg.eval_every == 0)):
+        if self.eval_tasks and (step == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
             metrics.update(self.evaluate())
         return batch, metrics
+
+    def update(self, batch: Batch) -> Metrics:
+        metrics = super().update(batch)
+        if self.eval_tasks and self.step == self.config.steps - 1:  # the final evaluation sees the last update
+            metrics.update({f"{k}_final": v for k, v in self.evaluate().items()})
+        return metrics
 
     def _in_chunks(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         rows = batch["responses"].shape[0]
@@ -143,14 +149,14 @@ class GRPOTrainer(Trainer):
         cfg = self.config
         log_prob, entropy = policy_forward(self.model, batch, cfg.temperature)
         mask = batch["response_mask"]
-        agg = {"agg": cfg.agg, "counts": counts, "norm_length": cfg.norm_length or None}
+        # a constant divisor for seq-mean-token-sum-norm, the same on every rank
+        norm_length = cfg.norm_length or self.max_new_tokens
+        agg = {"agg": cfg.agg, "counts": counts, "norm_length": norm_length}
         loss, raw = self.loss_fn(batch["old_log_prob"], log_prob, batch["advantages"], mask, **agg, **cfg.loss_options)
         metrics = {k: float(v) for k, v in raw.items()}
         if self.ref_model is not None:
             per_token = kl_estimate(log_prob, batch["ref_log_prob"], cfg.kl_estimator, mask=mask)
-            loss = loss + cfg.kl_coef * aggregate(
-                per_token, mask, cfg.agg, counts=counts, norm_length=cfg.norm_length or None
-            )
+            loss = loss + cfg.kl_coef * aggregate(per_token, mask, cfg.agg, counts=counts, norm_length=norm_length)
             metrics["kl/ref"] = float(per_token.detach().sum() / mask.sum().clamp(min=1))
         return loss, metrics, {"log_prob": log_prob, "entropy": entropy.detach()}
 
