@@ -506,3 +506,29 @@ def test_bools_are_not_numbers() -> None:
         generalized_jsd(s, t, True)
     with pytest.raises(ConfigError):
         kl(s, t, chunk_size=True)
+
+
+def test_minus_inf_logits_mean_zero_probability() -> None:
+    """Masked vocabulary (-inf logits) is a valid distribution: values on the support, finite gradients."""
+    p = torch.tensor([[1.0, 3.0, float("-inf"), 0.5]], requires_grad=True)
+    q = torch.tensor([[0.2, float("-inf"), float("-inf"), 1.5]], requires_grad=True)
+    both = torch.tensor([[2.0, 0.0, float("-inf"), float("-inf")]])
+    P = torch.softmax(p.detach().double(), -1)
+    Q = torch.softmax(q.detach().double(), -1)
+    B = torch.softmax(both.double(), -1)
+    # KL(B || P): B's support is inside P's
+    ref = sum(float(B[0, i] * (B[0, i].log() - P[0, i].log())) for i in range(2))
+    assert float(kl(both, p.detach())) == pytest.approx(ref, rel=1e-5)
+    assert float(kl(both, both)) == 0.0
+    m = 0.5 * (P + Q)
+    ref_js = 0.5 * sum(float(P[0, i] * (P[0, i] / m[0, i]).log()) for i in range(4) if P[0, i] > 0) + 0.5 * sum(
+        float(Q[0, i] * (Q[0, i] / m[0, i]).log()) for i in range(4) if Q[0, i] > 0
+    )
+    out = js(p, q)
+    assert float(out.detach()) == pytest.approx(ref_js, rel=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(p.grad).all() and torch.isfinite(q.grad).all()
+    g = generalized_jsd(p.detach(), q.detach(), 0.5)
+    assert float(g) == pytest.approx(ref_js, rel=1e-5)
+    with pytest.raises(NonFiniteError):  # P puts mass where Q has none: KL(P || Q) is infinite
+        kl(p.detach(), q.detach())

@@ -45,6 +45,19 @@ SCRIPT = textwrap.dedent(
             (ref_lp * g1.double() + ref_ent * g2.double()).sum().backward()
             gtol = 1e-5 if dtype == torch.float32 else 1e-2  # the gradient is stored in the logits' dtype
             torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=gtol, atol=gtol)
+    # -inf logits (masked vocabulary), including a whole first block of 4096 columns
+    row = torch.randn(1, 1, 5000)
+    row[..., :4096] = float("-inf")
+    row[..., 4500] = float("-inf")
+    x = row.detach().requires_grad_()
+    tok = torch.tensor([[4200]])
+    lp, ent = _fused.logprob_and_entropy(x, tok, 1.0)
+    ref = torch.log_softmax(row[..., 4096:].double(), -1)
+    ref = ref[..., torch.arange(904) != 404]
+    p = ref.exp()
+    torch.testing.assert_close(ent.double(), -(p * ref).sum(-1), rtol=1e-5, atol=1e-5)
+    (lp + ent).sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[..., :4096] == 0).all()
     print("fused ok")
     """
 )

@@ -384,3 +384,15 @@ def test_bad_hidden_and_head() -> None:
     bad[0, 1, 2] = float("nan")
     with pytest.raises(NonFiniteError):
         token_logprobs_from_hidden(bad, torch.randn(5, 4), tokens)
+
+
+def test_minus_inf_logits_entropy_and_logprob() -> None:
+    logits = torch.tensor([[[1.0, float("-inf"), 2.0, float("-inf")]]], requires_grad=True)
+    tokens = torch.tensor([[2]])
+    lp, ent = token_logprobs_and_entropy(logits, tokens)
+    p = torch.softmax(torch.tensor([1.0, 2.0], dtype=torch.float64), -1)
+    assert float(lp) == pytest.approx(float(p[1].log()), rel=1e-6)
+    assert float(ent) == pytest.approx(float(-(p * p.log()).sum()), rel=1e-6)
+    assert float(token_entropy(logits)) == pytest.approx(float(ent), rel=1e-6)
+    (lp + ent).sum().backward()
+    assert torch.isfinite(logits.grad).all()

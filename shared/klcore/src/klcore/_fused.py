@@ -35,10 +35,12 @@ def _logprob_entropy_kernel(
         valid = cols < vocab
         x = tl.load(base + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
         new_m = tl.maximum(m, tl.max(x, 0))
-        rescale = tl.exp(m - new_m)
-        e = tl.exp(x - new_m)
+        # -inf logits (masked vocabulary, or padding) have p = 0 and add nothing; guard -inf - -inf
+        finite = x > float("-inf")
+        rescale = tl.where(new_m > float("-inf"), tl.exp(m - new_m), 1.0)
+        e = tl.where(finite, tl.exp(x - new_m), 0.0)
         s = s * rescale + tl.sum(e, 0)
-        w = w * rescale + tl.sum(e * tl.where(valid, x, 0.0), 0)
+        w = w * rescale + tl.sum(tl.where(finite, e * x, 0.0), 0)
         m = new_m
     lse = m + tl.log(s)
     token = tl.load(tokens_ptr + row)
@@ -91,7 +93,7 @@ class _LogprobEntropy(torch.autograd.Function):
                 gz -= p * g_lp[sl, None]
                 gz.scatter_add_(-1, ids[sl, None], g_lp[sl, None])
             if g_ent is not None:
-                gz -= p * (logp + ent[sl, None]) * g_ent[sl, None]
+                gz -= torch.where(p > 0, p * (logp + ent[sl, None]), 0.0) * g_ent[sl, None]
             grad[sl] = (gz * inv_t).to(grad.dtype)
         return grad.reshape(logits.shape), None, None
 

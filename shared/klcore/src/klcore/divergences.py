@@ -74,10 +74,23 @@ def _lsm(x: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(x, dim=-1, dtype=torch.float32)
 
 
+def _plogratio(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """sum_x P(x) (log P(x) - log Q(x)) per row, with 0 log 0 = 0: -inf logits (masked vocabulary)
+    contribute nothing, and no NaN reaches the gradient."""
+    return (lp.exp() * torch.where(torch.isneginf(lp), 0.0, lp - lq)).sum(-1)
+
+
+def _log_mixture(la: torch.Tensor, lb: torch.Tensor, log_wa: float, log_wb: float) -> torch.Tensor:
+    """log(w_a A + w_b B) from log-probs. Where both are 0 (-inf) the value is a finite placeholder: every
+    use of it is multiplied by a zero probability, and a finite value keeps NaN out of the gradient."""
+    dead = torch.isneginf(la) & torch.isneginf(lb)
+    la = torch.where(dead, 0.0, la)
+    lb = torch.where(dead, 0.0, lb)
+    return torch.logaddexp(la + log_wa, lb + log_wb)
+
+
 def _kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    lp = _lsm(p)
-    lq = _lsm(q)
-    return (lp.exp() * (lp - lq)).sum(-1)
+    return _plogratio(_lsm(p), _lsm(q))
 
 
 def kl(
@@ -128,8 +141,8 @@ def reverse_kl(
 def _js_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     lp = _lsm(p)
     lq = _lsm(q)
-    lm = torch.logaddexp(lp, lq) - math.log(2.0)
-    return 0.5 * (lp.exp() * (lp - lm)).sum(-1) + 0.5 * (lq.exp() * (lq - lm)).sum(-1)
+    lm = _log_mixture(lp, lq, -math.log(2.0), -math.log(2.0))
+    return 0.5 * _plogratio(lp, lm) + 0.5 * _plogratio(lq, lm)
 
 
 def js(
@@ -175,8 +188,8 @@ def generalized_jsd(
             return _kl_rows(s, t)
         ls = _lsm(s)
         lt = _lsm(t)
-        lm = torch.logaddexp(ls + math.log1p(-b), lt + math.log(b))
-        return b * (lt.exp() * (lt - lm)).sum(-1) + (1.0 - b) * (ls.exp() * (ls - lm)).sum(-1)
+        lm = _log_mixture(ls, lt, math.log1p(-b), math.log(b))
+        return b * _plogratio(lt, lm) + (1.0 - b) * _plogratio(ls, lm)
 
     return _per_position(
         rows, student_logits, teacher_logits, names=("student_logits", "teacher_logits"),

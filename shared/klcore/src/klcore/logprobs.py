@@ -80,7 +80,12 @@ def _log_softmax(x: torch.Tensor, inv_t: float) -> torch.Tensor:
 
 def _lp_and_entropy(lp: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Taken-token log-prob and entropy from float32 log-probs ``[n, V]``."""
-    return lp.gather(-1, ids.unsqueeze(-1)).squeeze(-1), -torch.linalg.vecdot(lp.exp(), lp)
+    return lp.gather(-1, ids.unsqueeze(-1)).squeeze(-1), _entropy(lp)
+
+
+def _entropy(lp: torch.Tensor) -> torch.Tensor:
+    """-sum p log p from float32 log-probs; tokens with p = 0 (-inf logits, e.g. masked vocabulary) add 0."""
+    return -torch.linalg.vecdot(lp.exp(), torch.where(torch.isneginf(lp), 0.0, lp))
 
 
 def _fused_pair(x: torch.Tensor, tokens: torch.Tensor, inv_t: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,8 +149,7 @@ def token_entropy(
         return out
 
     def fn(rows: torch.Tensor) -> torch.Tensor:
-        lp = _log_softmax(rows, inv_t)
-        return -torch.linalg.vecdot(lp.exp(), lp)
+        return _entropy(_log_softmax(rows, inv_t))
 
     (out,) = map_rows(fn, (x.reshape(-1, vocab),), chunk_size=chunk_size, checkpoint=checkpoint, vocab=vocab)
     out = out.reshape(lead)
