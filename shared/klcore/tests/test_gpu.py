@@ -84,3 +84,20 @@ def test_grpo_step_on_cuda_in_bf16(tmp_path: Path) -> None:
     rows = trainer.train()
     assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)
     assert next(trainer.unwrapped_model.parameters()).device.type == "cuda"
+
+
+def test_fused_kernel_with_minus_inf_logits() -> None:
+    torch.manual_seed(0)
+    row = torch.randn(2, 3, 10000, device="cuda")
+    row[..., :4096] = float("-inf")  # a whole first block masked
+    row[..., 5000:5100] = float("-inf")
+    x = row.detach().requires_grad_()
+    tokens = torch.full((2, 3), 7000, device="cuda")
+    lp, ent = token_logprobs_and_entropy(x, tokens)
+    ref = torch.log_softmax(row.double(), -1)
+    p = ref.exp()
+    ref_ent = -(p * torch.where(p > 0, ref, torch.zeros((), dtype=torch.float64, device="cuda"))).sum(-1)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp.double(), ref[..., 7000], rtol=1e-5, atol=1e-5)
+    (lp + ent).sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[..., :4096] == 0).all()
