@@ -15,8 +15,8 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from klcore.errors import ConfigError
 
 #: Elements of float32 work memory per chunk when ``chunk_size`` is not given: 16 MiB on the CPU
-#: (cache-friendly, and a peak below TRL's row loop), 64 MiB on accelerators (fewer kernel launches).
-DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 22, "accelerator": 1 << 24}
+#: (cache-friendly, and a peak below TRL's row loop), 32 MiB on accelerators (fewer kernel launches).
+DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 22, "accelerator": 1 << 23}
 
 RowFn = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
 
