@@ -396,3 +396,21 @@ def test_minus_inf_logits_entropy_and_logprob() -> None:
     assert float(token_entropy(logits).detach()) == pytest.approx(float(ent.detach()), rel=1e-6)
     (lp + ent).sum().backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_minus_inf_entropy_without_autograd_matches_with() -> None:
+    logits = torch.randn(3, 5, 40)
+    logits[0, 1, :7] = float("-inf")
+    logits[2, 4, 30:] = float("-inf")
+    with torch.no_grad():
+        fast = token_entropy(logits, chunk_size=4)
+    guarded = token_entropy(logits.clone().requires_grad_(), chunk_size=4)
+    torch.testing.assert_close(fast, guarded.detach(), rtol=1e-6, atol=1e-6)
+    p = torch.softmax(logits.double(), -1)
+    ref = -(p * torch.where(p > 0, p.log(), torch.zeros((), dtype=torch.float64))).sum(-1)
+    torch.testing.assert_close(fast.double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(NonFiniteError):  # a real NaN is still an error
+        bad = logits.clone()
+        bad[1, 1, 3] = float("nan")
+        with torch.no_grad():
+            token_entropy(bad)
