@@ -212,3 +212,24 @@ def test_accelerator_with_its_own_accumulation_is_rejected(tmp_path: Path) -> No
         GRPOTrainer(model, char_tokenizer(), _StartsEven(digits=1), _config(), run_dir=tmp_path,
                     accelerator=Accelerator(gradient_accumulation_steps=2),
                     plugins=build_plugin_manager(load_entrypoints=False))
+
+
+@pytest.mark.parametrize("disable_dropout", [True, False])
+def test_another_architecture_and_dropout(tmp_path: Path, disable_dropout: bool) -> None:
+    """GPT-2 (another HF causal LM, with dropout layers): the loop runs, and with dropout disabled the
+    single-epoch ratio is exactly one; with dropout left on it is not (the control)."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    tok = char_tokenizer()
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=1,
+                     eos_token_id=2, pad_token_id=0, resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    trainer = GRPOTrainer(model, tok, _StartsEven(digits=1), _config(steps=2, disable_dropout=disable_dropout),
+                          run_dir=tmp_path, plugins=build_plugin_manager(load_entrypoints=False))
+    rows = trainer.train()
+    ratios = [r["policy/ratio_mean"] for r in rows]
+    if disable_dropout:
+        assert all(r == pytest.approx(1.0, abs=1e-6) for r in ratios)
+    else:
+        assert any(abs(r - 1.0) > 1e-3 for r in ratios)

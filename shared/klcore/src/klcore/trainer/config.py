@@ -80,6 +80,8 @@ class GRPOConfig(TrainerConfig):
     verl's ``use_kl_loss``. Evaluation runs before step 0, every ``eval_every`` steps (0: never in
     between), and after the last update (logged as ``eval/<task>_accuracy_final``). A constant
     ``norm_length`` for ``seq-mean-token-sum-norm`` defaults to ``max_new_tokens``.
+    ``disable_dropout`` (TRL's default too) sets every ``nn.Dropout`` to p = 0, so the rollout, the
+    old log-probs and the update see one policy and the on-policy ratio is exactly one.
     """
 
     lr: float = 1e-5
@@ -93,6 +95,7 @@ class GRPOConfig(TrainerConfig):
     kl_estimator: str = "k3"
     eval_every: int = 0
     eval_problems: int = 128
+    disable_dropout: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -73,6 +73,10 @@ class GRPOTrainer(Trainer):
         accelerator: Accelerator | None = None,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
+        if config.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
         ref = None
         if config.kl_coef > 0:
             ref = (ref_model if ref_model is not None else copy.deepcopy(model)).eval().requires_grad_(False)
