@@ -176,20 +176,26 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def proc_kib(path: str, key: str) -> int | None:
+    """Bytes of a ``Key:  N kB`` line of a /proc file, or None where there is no such file or line."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(f"{key}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss() -> int:
     """This address space's peak RSS: VmHWM from /proc/self/status, else ru_maxrss (kilobytes on Linux).
 
     VmHWM is preferred because ru_maxrss also keeps the parent's RSS at fork time across exec, which would
     hide a child's smaller peaks; both are the kernel's resident-set high-water mark otherwise.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    hwm = proc_kib("/proc/self/status", "VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def reset_peak_rss() -> bool:
@@ -269,14 +275,7 @@ def available_bytes(device: torch.device) -> int | None:
         return int(psutil.virtual_memory().available)
     except ImportError:
         pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def estimated_bytes(vocab: int, positions: int, dtype: torch.dtype) -> int:

@@ -51,11 +51,6 @@ def finite(x: torch.Tensor, name: str) -> None:
         )
 
 
-def integer(x: torch.Tensor, name: str) -> None:
-    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-        raise DTypeError(f"{name} must hold integer ids (torch.long), got dtype {x.dtype}")
-
-
 def mask(m: object, name: str, shape: Sequence[int], *, allow_empty: bool = False) -> torch.Tensor:
     """Validate a 0/1 or boolean mask of ``shape`` and return it as a boolean tensor."""
     t = tensor(m, name)

@@ -75,12 +75,24 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+_FORWARD_PARAMS: dict[type, frozenset[str]] = {}
+
+
+def forward_accepts(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` (of the wrapped module under DDP) takes keyword ``name``; looked up once
+    per model class."""
+    inner: nn.Module = getattr(model, "module", model)
+    cls = type(inner)
+    if cls not in _FORWARD_PARAMS:
+        _FORWARD_PARAMS[cls] = frozenset(inspect.signature(cls.forward).parameters)
+    return name in _FORWARD_PARAMS[cls]
+
+
 def _cache_argument(model: nn.Module) -> str:
     """The keyword under which ``model`` takes and returns its KV cache (transformers 5 renamed it)."""
-    params = inspect.signature(model.forward).parameters
-    if "cache" in params:
+    if forward_accepts(model, "cache"):
         return "cache"
-    if "past_key_values" in params:
+    if forward_accepts(model, "past_key_values"):
         return "past_key_values"
     raise UnsupportedModelError(
         f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`; "
@@ -132,7 +144,7 @@ def sample(
     ids, attn = ids.to(device), attn.to(device)
     n, prompt_len = ids.shape
     cache_arg = _cache_argument(model)
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keep = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
     was_training = model.training
     model.eval()
     try:
@@ -201,4 +213,4 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-__all__ = ["Rollout", "left_pad", "pass_at_k", "position_ids", "sample"]
+__all__ = ["Rollout", "forward_accepts", "left_pad", "pass_at_k", "position_ids", "sample"]

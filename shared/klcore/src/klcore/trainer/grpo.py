@@ -7,7 +7,6 @@ PPO-clip), the advantage estimator by ``config.advantage`` (``grpo``, ``dr_grpo`
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from klcore.divergences import kl_estimate
 from klcore.logprobs import token_logprobs_and_entropy
 from klcore.plugins import Plugins
 from klcore.reduce import GlobalCounts, aggregate
-from klcore.rollout import pass_at_k, sample
+from klcore.rollout import forward_accepts, pass_at_k, sample
 from klcore.toy.tasks import Task
 from klcore.toy.warmup import encode_prompts, evaluate
 from klcore.trainer.base import Batch, Metrics, Trainer, step_seed
@@ -38,10 +37,7 @@ def policy_forward(
     """
     responses = batch["responses"]
     r = responses.shape[1]
-    kwargs: dict[str, Any] = {}
-    base: nn.Module = getattr(model, "module", model)
-    if "logits_to_keep" in inspect.signature(base.forward).parameters:
-        kwargs["logits_to_keep"] = r + 1
+    kwargs: dict[str, Any] = {"logits_to_keep": r + 1} if forward_accepts(model, "logits_to_keep") else {}
     out = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
         use_cache=False, **kwargs,
