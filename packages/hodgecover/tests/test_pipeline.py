@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from hodgecover.barriers import BarrierConfig
+from hodgecover.calibration import perplexity, token_blocks
+from hodgecover.complex import SimplicialComplex, decompose
+from hodgecover.moe import find_moe_layers
+from hodgecover.pipeline import METHODS, HodgeCoverConfig, analyze, apply_plan, plan
+from hodgecover.wanda import second_ratio, wanda_mask, wanda_prune
+from hodgecover_models import moe_model
+
+from klcore.errors import ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def analysed():
+    model = moe_model("qwen2_moe", experts=8, dtype=torch.float32)
+    tokens = torch.randint(3, 40, (4, 12), generator=torch.Generator().manual_seed(0))
+    config = HodgeCoverConfig(num_thresholds=20, barrier=BarrierConfig(progress=False))
+    engine, analyses = analyze(model, tokens, config)
+    return model, tokens, config, engine, analyses
+
+
+def test_analysis_decomposes_the_barriers_of_the_chosen_complex(analysed):
+    _model, _tokens, _config, _engine, analyses = analysed
+    for _layer, a in analyses.items():
+        assert len(a.pairs) == 28 and a.curve is not None
+        assert a.curve.beta1[a.curve.best_index] == a.curve.beta1.max() == a.complex.betti_numbers()[1]
+        lookup = dict(zip(a.pairs, a.pair_barriers))
+        signal = np.array([lookup[e] for e in a.complex.edges])
+        np.testing.assert_allclose(a.parts.gradient + a.parts.curl + a.parts.harmonic, signal, atol=1e-12)
+        assert all(lookup[e] <= a.curve.best_threshold for e in a.complex.edges)
+        for t in a.triangles:  # candidates are 3-cliques of low-barrier pairs
+            med = np.median(a.pair_barriers)
+            assert all(lookup[e] <= med for e in [(t[0], t[1]), (t[0], t[2]), (t[1], t[2])])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_compresses_to_the_budget_and_runs(analysed, method):
+    model, tokens, config, _engine, analyses = analysed
+    chosen = plan(analyses, method, 0.5, config)
+    assert all(len(k) == 4 for k in chosen.keep.values())
+    compressed = apply_plan(copy.deepcopy(model), chosen, analyses)
+    assert all(m.num_experts == 4 for m in find_moe_layers(compressed))
+    assert math.isfinite(perplexity(compressed, tokens))
+    for r in chosen.retained.values():
+        assert all(0.0 <= v <= 1.0 for v in r.values())
+
+
+def test_redirect_keeps_router_rows_and_maps_dropped_experts(analysed):
+    model, tokens, config, _engine, analyses = analysed
+    cfg = copy.deepcopy(config)
+    cfg.dropped = "redirect"
+    chosen = plan(analyses, "hodgecover", 0.5, cfg)
+    compressed = apply_plan(copy.deepcopy(model), chosen, analyses)
+    for m in find_moe_layers(compressed):
+        assert m.router.weight.shape[0] == 8 and m.num_experts == 4
+    assert math.isfinite(perplexity(compressed, tokens))
+
+
+def test_ratios_outside_the_open_interval_raise(analysed):
+    _model, _tokens, config, _engine, analyses = analysed
+    for bad in (0.0, 1.0, 1.2):
+        with pytest.raises(ConfigError):
+            plan(analyses, "hodgecover", bad, config)
+    with pytest.raises(ConfigError):
+        plan(analyses, "magic", 0.5, config)
+    with pytest.raises(ConfigError):
+        HodgeCoverConfig(filtration="sideways")
+
+
+def test_wanda_mask_prunes_lowest_scores_per_output_row():
+    w = torch.tensor([[1.0, -2.0, 3.0, 0.5], [4.0, 1.0, -1.0, 2.0]])
+    sq = torch.tensor([1.0, 1.0, 0.01, 16.0])  # norms 1, 1, 0.1, 4 -> scores row0: 1, 2, .3, 2; row1: 4, 1, .1, 8
+    mask = wanda_mask(w, sq, 0.5)
+    assert mask.tolist() == [[False, True, False, True], [True, False, False, True]]
+    assert second_ratio(0.66, 0.33) == pytest.approx(1 - 0.34 / 0.67)
+    assert 1 - (1 - 0.33) * (1 - second_ratio(0.66, 0.33)) == pytest.approx(0.66)
+    with pytest.raises(ConfigError):
+        second_ratio(0.2, 0.5)
+
+
+def test_wanda_prune_reaches_the_requested_sparsity(analysed):
+    model, _tokens, config, engine, analyses = analysed
+    chosen = plan(analyses, "hodgecover", 0.5, config)
+    compressed = apply_plan(copy.deepcopy(model), chosen, analyses)
+    info = wanda_prune(compressed, engine.stats, chosen.keep, 0.5)
+    assert info["wanda/sparsity"] == pytest.approx(0.5)
+    m = find_moe_layers(compressed)[0]
+    assert (m.experts.down_proj == 0).float().mean().item() == pytest.approx(0.5)
+    shared = compressed.model.layers[0].mlp.shared_expert.up_proj.weight
+    assert (shared == 0).float().mean().item() == pytest.approx(0.5)
+
+
+def test_token_blocks_from_text_file_and_strings(tmp_path):
+    from klcore.toy import char_tokenizer
+
+    tok = char_tokenizer()
+    path = tmp_path / "calib.txt"
+    path.write_text("the cat sat on the mat. " * 20)
+    blocks = token_blocks(tok, path, num_tokens=64, seq_len=16)
+    assert blocks.shape == (4, 16)
+    assert tok.decode(blocks[0].tolist()) == ("the cat sat on the mat. " * 2)[:16]
+    assert token_blocks(tok, ["ab" * 20, "cd" * 20], num_tokens=32, seq_len=8).shape == (4, 8)
+    with pytest.raises(DataError):
+        token_blocks(tok, path, num_tokens=100000, seq_len=16)
+    with pytest.raises(DataError):
+        token_blocks(tok, tmp_path / "missing.txt", num_tokens=64, seq_len=16)
+
+
+def test_token_blocks_from_a_datasets_dataset():
+    datasets = pytest.importorskip("datasets")
+    from klcore.toy import char_tokenizer
+
+    ds = datasets.Dataset.from_dict({"text": ["abc " * 10, "xyz " * 10]})
+    assert token_blocks(char_tokenizer(), ds, num_tokens=40, seq_len=10).shape == (4, 10)
+
+
+def test_perplexity_matches_a_manual_computation():
+    model = moe_model("mixtral")
+    tokens = torch.randint(3, 40, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(tokens).logits[:, :-1], -1)
+    nll = -logp.gather(-1, tokens[:, 1:, None]).mean()
+    assert perplexity(model, tokens, batch_size=1) == pytest.approx(float(nll.exp()), rel=1e-5)
+
+
+def test_pyg_export_carries_the_complex_and_its_parts():
+    pytest.importorskip("torch_geometric")
+    from hodgecover.export import to_pyg
+
+    cx = SimplicialComplex(4, [(0, 1), (1, 2), (0, 2), (2, 3)], [(0, 1, 2)])
+    parts = decompose(cx, [1.0, 2.0, 3.0, 4.0])
+    data = to_pyg(cx, parts, [1.0, 2.0, 3.0, 4.0])
+    assert data.edge_index.tolist() == [[0, 0, 1, 2], [1, 2, 2, 3]]
+    assert data.triangle_index.tolist() == [[0], [1], [2]]
+    torch.testing.assert_close(data.gradient + data.curl + data.harmonic, data.edge_signal)
