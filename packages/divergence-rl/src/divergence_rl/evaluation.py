@@ -1,0 +1,128 @@
+"""Pass@1 and Pass@k on a held-out split: sampling, verification, the unbiased estimator, and a
+klcore metric component that logs them during training, in domain and out of domain."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from klcore import hookimpl
+from klcore.errors import ConfigError
+from klcore.rollout import pass_at_k, sample
+from klcore.toy import encode_prompts, get_task
+from klcore.toy.tasks import Task
+
+
+def check_ks(ks: Sequence[int], samples: int) -> tuple[int, ...]:
+    """``ks`` as a sorted tuple; each must be an int in ``1..samples`` (the unbiased estimator's range)."""
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise ConfigError(f"samples must be a positive int, got {samples!r}")
+    out = tuple(sorted(set(ks)))
+    if not out or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= samples for k in out):
+        raise ConfigError(f"ks must be ints between 1 and samples = {samples}, got {list(ks)}; draw more samples "
+                          "to estimate a larger k")
+    return out
+
+
+def mean_pass_at_k(correct: Sequence[int], samples: int, k: int) -> float:
+    """Mean over problems of the unbiased pass@k, each problem with ``correct[i]`` of ``samples`` right."""
+    if len(correct) == 0:
+        raise ConfigError("need at least one problem to average pass@k over")
+    return sum(pass_at_k(samples, int(c), k) for c in correct) / len(correct)
+
+
+@torch.no_grad()
+def correct_counts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    *,
+    problems: int = 64,
+    samples: int = 16,
+    temperature: float = 1.0,
+    split: str = "test",
+    seed: int = 0,
+) -> list[int]:
+    """Number of correct completions among ``samples`` sampled for each of ``problems`` problems."""
+    gen = torch.Generator().manual_seed(seed)
+    drawn = task.problems(problems, generator=gen, split=split)
+    roll = sample(
+        model, encode_prompts(tokenizer, drawn), group_size=samples, max_new_tokens=task.max_answer_chars + 2,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
+        generator=gen,
+    )
+    texts = tokenizer.batch_decode(roll.responses, skip_special_tokens=True)
+    return [int(sum(task.verify(p, texts[i * samples + j]) for j in range(samples))) for i, p in enumerate(drawn)]
+
+
+def pass_at_ks(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    *,
+    ks: Sequence[int] = (1, 16),
+    problems: int = 64,
+    samples: int = 16,
+    temperature: float = 1.0,
+    split: str = "test",
+    seed: int = 0,
+) -> dict[int, float]:
+    """``{k: mean pass@k}`` on ``problems`` problems of ``split`` from ``samples`` samples each."""
+    ks = check_ks(ks, samples)
+    counts = correct_counts(model, tokenizer, task, problems=problems, samples=samples, temperature=temperature,
+                            split=split, seed=seed)
+    return {k: mean_pass_at_k(counts, samples, k) for k in ks}
+
+
+class PassAtKMetric:
+    """Metric component ``pass_at_k``: logs ``eval/<task>_pass_at_<k>`` for the trainer's task (its
+    held-out ``test`` split) and ``eval/ood_<task>_pass_at_<k>`` for the out-of-domain task, after
+    the update of step 0, every ``every`` steps, and after the last step (``every = 0``: first and
+    last only). The value logged at step s is measured after s + 1 updates."""
+
+    def __init__(
+        self,
+        *,
+        every: int = 25,
+        ks: Sequence[int] = (1, 16),
+        problems: int = 64,
+        samples: int = 16,
+        temperature: float = 1.0,
+        seed: int = 1234,
+        ood_task: str = "",
+        ood_task_options: dict[str, Any] | None = None,
+    ) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ConfigError(f"every must be an int >= 0, got {every!r}")
+        if not isinstance(problems, int) or problems < 1:
+            raise ConfigError(f"problems must be a positive int, got {problems!r}")
+        if not float(temperature) > 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature!r}")
+        self.every, self.ks, self.problems, self.samples = every, check_ks(ks, samples), problems, samples
+        self.temperature, self.seed = float(temperature), seed
+        self.ood = get_task(ood_task, **(ood_task_options or {})) if ood_task else None
+
+    def evaluate(self, trainer: Any) -> dict[str, float]:
+        tasks = {trainer.task.name: trainer.task}
+        if self.ood is not None:
+            tasks[f"ood_{self.ood.name}"] = self.ood
+        out: dict[str, float] = {}
+        for name, task in tasks.items():
+            values = pass_at_ks(trainer.unwrapped_model, trainer.tokenizer, task, ks=self.ks, problems=self.problems,
+                                samples=self.samples, temperature=self.temperature, seed=self.seed)
+            out.update({f"eval/{name}_pass_at_{k}": v for k, v in values.items()})
+        return out
+
+    @hookimpl
+    def klcore_step_end(self, trainer: Any, step: int) -> dict[str, float] | None:
+        last = step == trainer.config.steps - 1
+        if step == 0 or last or (self.every and step % self.every == 0):
+            return self.evaluate(trainer)
+        return None
+
+
+__all__ = ["PassAtKMetric", "check_ks", "correct_counts", "mean_pass_at_k", "pass_at_ks"]

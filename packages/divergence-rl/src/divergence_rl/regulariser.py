@@ -1,0 +1,203 @@
+"""DPH-RL inside a klcore trainer: the ``dph`` regulariser, the ``rehearsal_divergence`` metric and
+the exploration-set task.
+
+The regulariser adds ``eta * token-mean f(exp(log pi_theta - stored log pi_ref))`` on a rehearsal
+batch to every optimiser step through ``klcore_extra_loss``, with its own forward pass of the policy
+on stored responses: no reference model is loaded or called. The step's rehearsal rows are spread
+over the trainer's micro-batches (each adds its share, normalised by the whole rehearsal batch's
+token count), so every micro-batch is mixed: its online rows get the policy loss from the trainer,
+its rehearsal rows the f-divergence from here, each over its own tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from divergence_rl.generators import check_alpha, check_kind, f_values
+from divergence_rl.losses import rehearsal_loss
+from divergence_rl.store import RehearsalSet, SelectionRule, load_rehearsal
+from klcore import hookimpl
+from klcore.errors import ConfigError, VocabMismatchError
+from klcore.reduce import GlobalCounts, global_counts
+from klcore.toy.tasks import Problem, Task
+from klcore.trainer.base import step_seed
+from klcore.trainer.grpo import policy_forward
+
+
+def _rule(options: Mapping[str, Any] | None) -> SelectionRule | None:
+    return SelectionRule(**options) if options else None
+
+
+def check_compatible(rehearsal: RehearsalSet, trainer: Any) -> None:
+    """Raise unless the trainer's model and temperature match those the store was sampled with."""
+    vocab = getattr(getattr(trainer.unwrapped_model, "config", None), "vocab_size", None)
+    if vocab != rehearsal.manifest["vocab_size"]:
+        raise VocabMismatchError(f"the rehearsal store was sampled from a model with vocabulary size "
+                                 f"{rehearsal.manifest['vocab_size']} but the trained model has {vocab}; pre-sample "
+                                 "again from the initial policy of this run")
+    temperature = getattr(trainer.config, "temperature", 1.0)
+    if float(temperature) != float(rehearsal.manifest["temperature"]):
+        raise ConfigError(f"the stored log-probs are at temperature {rehearsal.manifest['temperature']} but the trainer "
+                          f"computes log-probs at {temperature}; use the same temperature for both")
+
+
+def _rows(batch: Mapping[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v[index].to(device) for k, v in batch.items()}
+
+
+class DPHRegulariser:
+    """Regulariser ``dph``: the DPH-RL rehearsal term added to any policy loss.
+
+    Options: ``path`` (the pre-sampled store), ``kind`` (a generator of ``KINDS``; the paper's
+    DPH-JS is ``js`` with ``eta = 0.2``, DPH-F ``forward_kl``), ``eta``, ``alpha``, ``batch_size``
+    (rehearsal rows per optimiser step; 0: all), ``seed``, and ``rule`` (a table of
+    ``SelectionRule`` fields; default: the store's). Logs ``dph/loss`` (eta times the divergence).
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        kind: str = "js",
+        eta: float = 0.2,
+        alpha: float = 0.2,
+        batch_size: int = 64,
+        seed: int = 0,
+        rule: Mapping[str, Any] | None = None,
+    ) -> None:
+        check_kind(kind)
+        if kind == "alpha":
+            check_alpha(alpha)
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
+            raise ConfigError(f"eta must be a number >= 0, got {eta!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+            raise ConfigError(f"batch_size must be an int >= 0 (0: every rehearsal row), got {batch_size!r}")
+        self.kind, self.eta, self.alpha, self.batch_size, self.seed = kind, float(eta), float(alpha), batch_size, seed
+        self.rehearsal = load_rehearsal(Path(path), _rule(rule))
+        self._step_rows: torch.Tensor | None = None
+        self._counts: GlobalCounts | None = None
+        self._updates = 0
+
+    @hookimpl
+    def klcore_train_start(self, trainer: Any) -> None:
+        check_compatible(self.rehearsal, trainer)
+
+    def draw(self, trainer: Any) -> torch.Tensor:
+        """Row indices of this optimiser step's rehearsal batch (reproducible from seed, step, update)."""
+        n = len(self.rehearsal)
+        gen = torch.Generator().manual_seed(
+            step_seed(self.seed, trainer.step) + 7_919 * self._updates + 104_729 * trainer.accelerator.process_index
+        )
+        self._updates += 1
+        order = torch.randperm(n, generator=gen)
+        return order if self.batch_size == 0 or self.batch_size >= n else order[: self.batch_size]
+
+    @hookimpl
+    def klcore_step_start(self) -> None:
+        self._updates = 0
+
+    @hookimpl
+    def klcore_extra_loss(self, trainer: Any, micro_index: int, micro_count: int) -> dict[str, torch.Tensor] | None:
+        device = trainer.accelerator.device
+        if micro_index == 0 or self._step_rows is None or self._counts is None:
+            self._step_rows = self.draw(trainer)
+            mask = self.rehearsal.batch["response_mask"][self._step_rows].to(device)
+            self._counts = global_counts(mask, accelerator=trainer.accelerator)
+        part = torch.tensor_split(self._step_rows, micro_count)[micro_index]
+        if part.numel() == 0:
+            return None
+        batch = _rows(self.rehearsal.batch, part, device)
+        log_prob, _ = policy_forward(trainer.model, batch, getattr(trainer.config, "temperature", 1.0))
+        loss, _ = rehearsal_loss(log_prob, batch["ref_log_prob"], batch["response_mask"], kind=self.kind, eta=self.eta,
+                                 alpha=self.alpha, counts=self._counts)
+        return {"dph/loss": loss}
+
+
+class RehearsalDivergenceMetric:
+    """Metric ``rehearsal_divergence``: logs ``rehearsal/<kind>`` = token-mean f over the first
+    ``rows`` rehearsal rows under the current policy (no gradient), for each of ``kinds``, after the
+    update of step 0, every ``every`` steps and after the last step; comparable across methods."""
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        kinds: tuple[str, ...] | list[str] = ("forward_kl", "js"),
+        alpha: float = 0.2,
+        rows: int = 128,
+        every: int = 10,
+        rule: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.kinds = tuple(check_kind(k) for k in kinds)
+        if not self.kinds:
+            raise ConfigError("kinds must name at least one generator")
+        if "alpha" in self.kinds:
+            check_alpha(alpha)
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1 or isinstance(every, bool) or every < 0:
+            raise ConfigError(f"need rows >= 1 and every >= 0, got rows={rows!r}, every={every!r}")
+        self.alpha, self.every = float(alpha), every
+        rehearsal = load_rehearsal(Path(path), _rule(rule))
+        self.rehearsal = rehearsal
+        self.index = torch.arange(min(rows, len(rehearsal)))
+
+    @hookimpl
+    def klcore_train_start(self, trainer: Any) -> None:
+        check_compatible(self.rehearsal, trainer)
+
+    @torch.no_grad()
+    def measure(self, trainer: Any) -> dict[str, float]:
+        batch = _rows(self.rehearsal.batch, self.index, trainer.accelerator.device)
+        model = trainer.unwrapped_model
+        was_training = model.training
+        model.eval()
+        try:
+            log_prob, _ = policy_forward(model, batch, getattr(trainer.config, "temperature", 1.0))
+        finally:
+            model.train(was_training)
+        mask = batch["response_mask"].bool()
+        ratio = torch.where(mask, log_prob - batch["ref_log_prob"], torch.zeros_like(log_prob))
+        return {f"rehearsal/{k}": float((f_values(ratio, k, alpha=self.alpha) * mask).sum() / mask.sum())
+                for k in self.kinds}
+
+    @hookimpl
+    def klcore_step_end(self, trainer: Any, step: int) -> dict[str, float] | None:
+        if step == 0 or step == trainer.config.steps - 1 or (self.every and step % self.every == 0):
+            return self.measure(trainer)
+        return None
+
+
+@dataclass
+class ExplorationTask:
+    """``task`` whose ``train`` split is the exploration set ``problems`` (drawn uniformly with
+    replacement); ``test`` and verification are the base task's. Train DPH-RL's online part on it."""
+
+    task: Task
+    problems_list: tuple[Problem, ...]
+    name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.problems_list:
+            raise ConfigError("the exploration set is empty: every training prompt is in the rehearsal set; "
+                              "tighten the selection rule or sample more prompts")
+        self.name = self.task.name
+
+    @property
+    def max_answer_chars(self) -> int:
+        return self.task.max_answer_chars
+
+    def problems(self, n: int, *, generator: torch.Generator, split: str = "train") -> list[Problem]:
+        if split != "train":
+            return self.task.problems(n, generator=generator, split=split)
+        index = torch.randint(len(self.problems_list), (n,), generator=generator).tolist()
+        return [self.problems_list[i] for i in index]
+
+    def verify(self, problem: Problem, completion: str) -> float:
+        return self.task.verify(problem, completion)
+
+
+__all__ = ["DPHRegulariser", "ExplorationTask", "RehearsalDivergenceMetric", "check_compatible"]
