@@ -1,0 +1,232 @@
+"""LoRA-MoE over style experts with peft: hard per-sample routing and a learned soft router.
+
+Each style is one peft LoRA adapter (``add_style_experts``; rank 4 on ``to_q, to_k, to_v, to_out.0``
+by default, as the reference). :class:`LoraMoE` takes over the adapters' contribution in every LoRA
+layer: ``y = W x + sum_e g_e(x) * B_e A_e x * scaling_e`` with
+
+* hard routing (``route(expert_index)``): ``g`` one-hot per sample, so each sample of a batch uses
+  its own expert, in training too (peft's ``adapter_names`` is inference-only);
+* a soft router (``LoraMoE(..., router=True)`` then ``route_soft()``): per layer a gate
+  ``softmax(W_g LayerNorm(concat_e delta_e(x)) / temperature)`` per token over the experts' outputs
+  (MoLE), trained with the experts frozen; ``balance_loss()`` is ``-mean_e log q_e - log E`` with
+  ``q`` the gate averaged over layers, tokens and samples (0 iff ``q`` is uniform).
+
+Experts save and load in the diffusers LoRA format (``save_expert`` / ``load_expert``; a pipeline's
+``load_lora_weights(path, adapter_name=style)`` reads the same file).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from klcore.errors import CheckpointError, ConfigError, ShapeError, UnsupportedModelError
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+_PREFIX = {"FluxTransformer2DModel": "transformer", "UNet2DConditionModel": "unet"}
+
+
+def style_lora_config(
+    rank: int = 4, alpha: float | None = None, target_modules: Sequence[str] = DEFAULT_TARGETS, init: str | bool = "gaussian"
+) -> Any:
+    """The reference's ``LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=...)``."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ConfigError(f"rank must be >= 1, got {rank}")
+    return LoraConfig(
+        r=rank, lora_alpha=rank if alpha is None else alpha, init_lora_weights=init, target_modules=list(target_modules)
+    )
+
+
+def add_style_experts(model: nn.Module, styles: Sequence[str], config: Any = None) -> None:
+    """Add one LoRA adapter per style (diffusers ``add_adapter``); base frozen, every expert trainable."""
+    if not styles or len(set(styles)) != len(styles):
+        raise ConfigError(f"styles must be distinct, non-empty names, got {list(styles)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for style in styles:
+        model.add_adapter(config if config is not None else style_lora_config(), adapter_name=style)  # type: ignore[operator]
+    for style in styles:  # peft leaves only the last-added adapter trainable; every expert trains (per-sample routing)
+        for param in expert_parameters(model, style):
+            param.requires_grad_(True)
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` of every peft LoRA layer of ``model``."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def expert_parameters(model: nn.Module, style: str) -> list[nn.Parameter]:
+    """The LoRA A/B weights of one expert."""
+    params = [p for n, p in model.named_parameters() if f".{style}." in n and "lora_" in n]
+    if not params:
+        raise ConfigError(f"model has no LoRA expert named {style!r}")
+    return params
+
+
+class _Gate(nn.Module):
+    def __init__(self, experts: int, features: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(experts * features)
+        self.proj = nn.Linear(experts * features, experts)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, deltas: torch.Tensor, temperature: float) -> torch.Tensor:
+        return torch.softmax(self.proj(self.norm(deltas.flatten(-2))) / temperature, dim=-1)
+
+
+class LoraMoE(nn.Module):
+    """Per-sample mixture of the LoRA ``experts`` already added to ``model`` (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, experts: Sequence[str], *, router: bool = False, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        self.experts, self.temperature = list(experts), temperature
+        self.layers = lora_layers(model)
+        if not self.layers:
+            raise UnsupportedModelError("model has no LoRA layers: call add_style_experts first")
+        missing = [e for e in self.experts if e not in self.layers[0][1].lora_A]
+        if missing:
+            raise ConfigError(f"experts {missing} are not adapters of the model; it has {list(self.layers[0][1].lora_A)}")
+        self.gates = nn.ModuleDict()
+        if router:
+            for i, (_, layer) in enumerate(self.layers):
+                self.gates[str(i)] = _Gate(len(self.experts), layer.base_layer.out_features)
+        self._mode: str | None = None
+        self._index: torch.Tensor | None = None
+        self.last_gates: list[torch.Tensor] = []
+        self._handles = [layer.register_forward_hook(self._hook(i)) for i, (_, layer) in enumerate(self.layers)]
+
+    def route(self, expert_index: torch.Tensor) -> None:
+        """Hard routing: sample ``b`` uses expert ``experts[expert_index[b]]`` (``[B]`` long)."""
+        if expert_index.dim() != 1:
+            raise ShapeError(f"expert_index must be [B], got shape {tuple(expert_index.shape)}")
+        if ((expert_index < 0) | (expert_index >= len(self.experts))).any():
+            raise ConfigError(f"expert_index must lie in [0, {len(self.experts)}), got {expert_index.tolist()}")
+        self._mode, self._index = "hard", expert_index.long()
+        self._take_over(True)
+
+    def route_soft(self) -> None:
+        """Soft routing through the learned gates (needs ``router=True``)."""
+        if not len(self.gates):
+            raise ConfigError("this LoraMoE has no router: build it with router=True")
+        self._mode, self._index = "soft", None
+        self._take_over(True)
+
+    def release(self) -> None:
+        """Hand the LoRA layers back to peft (its ``set_adapters`` state applies again)."""
+        self._mode, self._index = None, None
+        self._take_over(False)
+
+    def remove(self) -> None:
+        self.release()
+        for h in self._handles:
+            h.remove()
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return list(self.gates.parameters())
+
+    def balance_loss(self) -> torch.Tensor:
+        """``-mean_e log q_e - log E`` of the last soft forward's gates (``>= 0``, 0 iff balanced)."""
+        if not self.last_gates:
+            raise ShapeError("no gates recorded: run a forward pass after route_soft()")
+        q = torch.stack([g.reshape(-1, g.shape[-1]).mean(0) for g in self.last_gates]).mean(0)
+        return -torch.log(q.clamp_min(1e-12)).mean() - math.log(len(self.experts))
+
+    def _take_over(self, on: bool) -> None:
+        for _, layer in self.layers:
+            layer._disable_adapters = on  # peft then returns the base layer's output; the hook adds the experts
+        if on:
+            self.last_gates = []
+
+    def _hook(self, i: int) -> Any:
+        def hook(layer: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            if self._mode is None:
+                return out
+            x = args[0]
+            if self._mode == "hard":
+                return out + self._hard_delta(layer, x)
+            deltas = torch.stack([self._delta(layer, e, x) for e in self.experts], dim=-2)  # [..., E, F]
+            gate = self.gates[str(i)](deltas, self.temperature)
+            self.last_gates.append(gate)
+            return out + (gate[..., None] * deltas).sum(-2).to(out.dtype)
+
+        return hook
+
+    @staticmethod
+    def _delta(layer: Any, expert: str, x: torch.Tensor) -> torch.Tensor:
+        a, b = layer.lora_A[expert], layer.lora_B[expert]
+        return b(a(layer.lora_dropout[expert](x.to(a.weight.dtype)))) * layer.scaling[expert]
+
+    def _hard_delta(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
+        index = self._index
+        if index is None or index.shape[0] != x.shape[0]:
+            raise ShapeError(f"routing has {0 if index is None else index.shape[0]} samples, the batch {x.shape[0]}")
+        index = index.to(x.device)
+        result = torch.zeros(*x.shape[:-1], layer.base_layer.out_features, dtype=x.dtype, device=x.device)
+        for e, expert in enumerate(self.experts):
+            rows = (index == e).nonzero().flatten()
+            if rows.numel():
+                result = result.index_add(0, rows, self._delta(layer, expert, x[rows]).to(x.dtype))
+        return result
+
+
+def save_expert(model: nn.Module, style: str, directory: str | Path) -> Path:
+    """Write expert ``style`` as ``DIR/pytorch_lora_weights.safetensors`` in the diffusers LoRA format."""
+    from diffusers import FluxPipeline, StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    kind = type(model).__name__
+    if kind not in _PREFIX:
+        raise UnsupportedModelError(f"save_expert supports {sorted(_PREFIX)}, got {kind}")
+    expert_parameters(model, style)
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=style))
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    meta = model.peft_config[style].to_dict()  # type: ignore[index]
+    if kind == "FluxTransformer2DModel":
+        FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=state, transformer_lora_adapter_metadata=meta)
+    else:
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, unet_lora_adapter_metadata=meta)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if directory.exists():
+        for f in directory.iterdir():
+            f.unlink()
+        directory.rmdir()
+    tmp.rename(directory)
+    return directory / "pytorch_lora_weights.safetensors"
+
+
+def load_expert(model: nn.Module, directory: str | Path, style: str) -> None:
+    """Load an expert written by :func:`save_expert` (or any diffusers LoRA file) as adapter ``style``."""
+    kind = type(model).__name__
+    if kind not in _PREFIX:
+        raise UnsupportedModelError(f"load_expert supports {sorted(_PREFIX)}, got {kind}")
+    path = Path(directory)
+    file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(f"no LoRA file at {file}; pass the folder save_expert wrote")
+    model.load_lora_adapter(str(file), adapter_name=style, prefix=_PREFIX[kind])  # type: ignore[operator]
+
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "LoraMoE",
+    "add_style_experts",
+    "expert_parameters",
+    "load_expert",
+    "lora_layers",
+    "save_expert",
+    "style_lora_config",
+]

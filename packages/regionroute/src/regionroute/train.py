@@ -1,0 +1,271 @@
+"""Training style experts with the attention losses on klcore's accelerate loop.
+
+Flux / Flux Kontext layout (``layout="flux"``): latents are packed ``[n, N, C]`` tokens; the model
+sees ``[text | noisy target (N) | context (N)]`` with image ids ``(0, y, x)`` for the target and
+``(1, y, x)`` for the context (``reference_context_ids=True``: ``(0, y, x)`` as the reference code);
+flow matching with ``x_t = (1 - t) x0 + t eps``, ``t ~ U(0, 1)`` and target ``eps - x0``.
+
+UNet layout (``layout="unet"``): latents ``[n, C, h, w]``; the source latents are concatenated on
+channels when the UNet takes ``2 C`` inputs (InstructPix2Pix style); DDPM noising with an epsilon or
+v-prediction target.
+
+Each sample is routed to its own style expert (hard per-sample routing, :class:`LoraMoE`) and its
+own style tokens and masks feed the Focus / Cover losses. With ``train_router=True`` the experts are
+frozen and a soft router (per-layer gates) is trained instead, plus ``balance_weight`` times the
+load-balancing term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from klcore.errors import ConfigError, DataError, ShapeError
+from klcore.reduce import GlobalCounts
+from klcore.trainer import Trainer, TrainerConfig
+from regionroute.capture import MODES, AttentionStore, register_attention_capture
+from regionroute.data import EditTensors
+from regionroute.losses import AVERAGING, region_attention_loss
+from regionroute.moe import LoraMoE
+
+LAYOUTS = ("flux", "unet")
+PREDICTIONS = ("flow", "epsilon", "v_prediction")
+
+
+@dataclass
+class RegionRouteConfig:
+    """Loss, capture and data options of a RegionRoute run; ``trainer`` is klcore's loop config."""
+
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(steps=100, lr=1e-4, checkpoint_every=0))
+    batch_size: int = 2
+    layout: str = "flux"
+    prediction: str = "flow"
+    lambda_focus: float = 0.1
+    lambda_cover: float = 5e-5
+    tau: float = 0.1
+    alpha: float = 2.0
+    capture_mode: str = "full"
+    average: str = "layer"
+    capture_layers: list[str] = field(default_factory=list)
+    chunk_size: int = 512
+    union_batch_tokens: bool = False
+    reference_context_ids: bool = False
+    sample_every: int = 0
+    train_router: bool = False
+    balance_weight: float = 0.01
+    router_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.prediction not in PREDICTIONS or (self.layout == "flux") != (self.prediction == "flow"):
+            raise ConfigError(f"prediction must be 'flow' for flux and 'epsilon'/'v_prediction' for unet, got {self.prediction!r}")
+        if self.capture_mode not in MODES:
+            raise ConfigError(f"capture_mode must be one of {MODES}, got {self.capture_mode!r}")
+        if self.average not in AVERAGING:
+            raise ConfigError(f"average must be one of {AVERAGING}, got {self.average!r}")
+        if min(self.lambda_focus, self.lambda_cover, self.sample_every) < 0 or self.tau <= 0 or self.alpha <= 0:
+            raise ConfigError("need lambda_focus, lambda_cover, sample_every >= 0 and tau, alpha > 0")
+        if self.chunk_size < 1:
+            raise ConfigError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.balance_weight < 0 or self.router_temperature <= 0:
+            raise ConfigError("need balance_weight >= 0 and router_temperature > 0")
+
+    @property
+    def attention_losses(self) -> bool:
+        return self.lambda_focus > 0 or self.lambda_cover > 0
+
+
+def pack_images(images: torch.Tensor) -> torch.Tensor:
+    """Pixel "latents" for the toy: ``[B, 3, H, W]`` in [0, 1] -> ``[B, (H/2)(W/2), 12]`` in [-1, 1] (2x2 patches)."""
+    if images.shape[-1] % 2 or images.shape[-2] % 2:
+        raise ShapeError(f"image sides must be even, got {tuple(images.shape[-2:])}")
+    return F.pixel_unshuffle(images * 2 - 1, 2).flatten(2).transpose(1, 2)
+
+
+def unpack_images(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_images`: ``[B, N, 12]`` -> ``[B, 3, H, W]`` in [0, 1] (clamped)."""
+    grid = tokens.transpose(1, 2).unflatten(2, (height // 2, width // 2))
+    return ((F.pixel_shuffle(grid, 2) + 1) / 2).clamp(0, 1)
+
+
+def image_ids(height: int, width: int, index: float) -> torch.Tensor:
+    """Flux image ids ``[h * w, 3]``: ``(index, y, x)`` for a ``height x width`` token grid."""
+    ids = torch.zeros(height, width, 3)
+    ids[..., 0] = index
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None, :]
+    return ids.flatten(0, 1)
+
+
+def cache_flux_inputs(
+    data: EditTensors,
+    encode_text: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]],
+    encode_images: Callable[[torch.Tensor], torch.Tensor] = pack_images,
+) -> dict[str, torch.Tensor]:
+    """Precompute what training reads: text ``[n, T, D]``, pooled ``[n, D]``, target/context latents."""
+    with torch.no_grad():
+        text, pooled = encode_text(data.prompts)
+        return {
+            "text": text.float(), "pooled": pooled.float(),
+            "latents": encode_images(data.targets).float(), "context": encode_images(data.sources).float(),
+            "masks": data.masks, "token_indices": data.token_indices, "token_objects": data.token_objects,
+            "experts": data.experts,
+        }
+
+
+def save_cache(cache: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Atomic safetensors write of a cache from :func:`cache_flux_inputs`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in cache.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_cache(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise DataError(f"no cache at {path}")
+    return load_file(str(path))
+
+
+class RegionRouteTrainer(Trainer):
+    """Trains the LoRA experts of ``model`` (added with ``add_style_experts``) on a cached dataset."""
+
+    mask_key = "valid"
+    progress_keys = ("loss/total", "loss/diffusion", "attn/focus")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cache: dict[str, torch.Tensor],
+        experts: Sequence[str],
+        config: RegionRouteConfig,
+        *,
+        run_dir: str | Path,
+        image_size: tuple[int, int],
+        on_sample: Callable[[RegionRouteTrainer, int], None] | None = None,
+    ) -> None:
+        n = cache["latents"].shape[0]
+        if n == 0:
+            raise DataError("the cached dataset is empty")
+        self.cfg, self.cache, self.image_size, self.on_sample = config, cache, image_size, on_sample
+        self.moe = LoraMoE(model, experts, router=config.train_router, temperature=config.router_temperature)
+        if config.train_router:  # experts frozen; only the gates learn
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.add_module("regionroute_router", self.moe.gates)
+        self.store = AttentionStore(
+            config.capture_mode, chunk_size=config.chunk_size, union_batch_tokens=config.union_batch_tokens
+        )
+        self.captured = register_attention_capture(model, self.store, layers=config.capture_layers or None)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("no trainable parameter: add style experts (add_style_experts) before training")
+        optimizer = torch.optim.AdamW(params, lr=config.trainer.lr, weight_decay=config.trainer.weight_decay)
+        if config.layout == "unet":
+            from diffusers import DDPMScheduler
+
+            self.scheduler_ddpm = DDPMScheduler(num_train_timesteps=1000, prediction_type=config.prediction)
+        super().__init__(model, config.trainer, run_dir=run_dir, optimizer=optimizer)
+
+    def collect(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        if self.on_sample is not None and self.cfg.sample_every and step % self.cfg.sample_every == 0:
+            self.on_sample(self, step)
+        idx = torch.randint(self.cache["latents"].shape[0], (self.cfg.batch_size,))
+        batch = {k: v[idx] for k, v in self.cache.items()}
+        batch["valid"] = torch.ones(self.cfg.batch_size, 1)
+        return batch, {}
+
+    def compute_loss(
+        self, batch: dict[str, torch.Tensor], counts: GlobalCounts
+    ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        if cfg.train_router:
+            self.moe.route_soft()
+        else:
+            self.moe.route(batch["experts"])
+        if cfg.attention_losses:
+            self.store.set_tokens(batch["token_indices"], batch["token_indices"] >= 0)
+        else:
+            self.store.clear_tokens()
+        pred, target = (self._flux_forward if cfg.layout == "flux" else self._unet_forward)(batch)
+        diffusion = F.mse_loss(pred.float(), target.float())
+        metrics = {"loss/diffusion": float(diffusion.detach())}
+        loss = diffusion
+        if cfg.attention_losses:
+            attn, attn_metrics = region_attention_loss(
+                list(self.store.maps.values()), batch["masks"], batch["token_objects"], tau=cfg.tau, alpha=cfg.alpha,
+                lambda_focus=cfg.lambda_focus, lambda_cover=cfg.lambda_cover, average=cfg.average,
+            )
+            loss = loss + attn
+            metrics.update(attn_metrics)
+        if cfg.train_router:
+            balance = self.moe.balance_loss()
+            loss = loss + cfg.balance_weight * balance
+            metrics["router/balance"] = float(balance.detach())
+        self.store.clear_tokens()
+        return loss, metrics, {}
+
+    def _flux_forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x0, ctx = batch["latents"], batch["context"]
+        t = torch.rand(x0.shape[0], device=x0.device)
+        noise = torch.randn_like(x0)
+        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        self.store.target_tokens = x0.shape[1]
+        pred = flux_velocity(self.model, xt, ctx, batch["text"], batch["pooled"], t, self.image_size,
+                             reference_context_ids=self.cfg.reference_context_ids)
+        return pred, noise - x0
+
+    def _unet_forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x0, ctx = batch["latents"], batch["context"]
+        sched = self.scheduler_ddpm
+        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        noisy = sched.add_noise(x0, noise, t)
+        if self.unwrapped_model.config.in_channels == 2 * x0.shape[1]:
+            noisy = torch.cat([noisy, ctx], 1)
+        pred = self.model(noisy, t, encoder_hidden_states=batch["text"]).sample
+        target = noise if self.cfg.prediction == "epsilon" else sched.get_velocity(x0, noise, t)
+        return pred, target
+
+
+def flux_velocity(
+    model: nn.Module, xt: torch.Tensor, context: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, t: torch.Tensor,
+    image_size: tuple[int, int], *, reference_context_ids: bool = False,
+) -> torch.Tensor:
+    """The transformer's prediction on ``[text | x_t | context]`` for the target tokens ``[B, N, C]``."""
+    h, w = image_size[0] // 2, image_size[1] // 2
+    if xt.shape[1] != h * w or context.shape != xt.shape:
+        raise ShapeError(f"target/context tokens {tuple(xt.shape)}/{tuple(context.shape)} do not fit a {h}x{w} grid")
+    ids = torch.cat([image_ids(h, w, 0), image_ids(h, w, 0 if reference_context_ids else 1)]).to(xt.device)
+    out = model(
+        hidden_states=torch.cat([xt, context], 1), encoder_hidden_states=text, pooled_projections=pooled,
+        timestep=t, img_ids=ids, txt_ids=torch.zeros(text.shape[1], 3, device=xt.device), return_dict=False,
+    )[0]
+    return out[:, : xt.shape[1]]
+
+
+__all__ = [
+    "LAYOUTS",
+    "PREDICTIONS",
+    "RegionRouteConfig",
+    "RegionRouteTrainer",
+    "cache_flux_inputs",
+    "flux_velocity",
+    "image_ids",
+    "load_cache",
+    "pack_images",
+    "save_cache",
+    "unpack_images",
+]

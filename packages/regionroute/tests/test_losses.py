@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from regionroute.losses import cover_loss, focus_loss, region_attention_loss
+
+from klcore.errors import ConfigError, MaskError, ShapeError
+
+
+def test_focus_matches_explicit_kl_sum_and_is_nonnegative():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(5, 9, generator=g, dtype=torch.float64)
+    m = (torch.rand(5, 9, generator=g) > 0.5).double()
+    m[:, 0] = 1
+    got = focus_loss(a, m, tau=0.3)
+    for r in range(5):
+        p = [float(x) / float(m[r].sum()) for x in m[r]]
+        z = sum(math.exp(float(x) / 0.3) for x in a[r])
+        q = [math.exp(float(x) / 0.3) / z for x in a[r]]
+        expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True) if pi > 0)
+        assert got[r].item() == pytest.approx(expected, rel=1e-5)
+    assert (focus_loss(torch.randn(50, 16, generator=g), (torch.rand(50, 16, generator=g) > 0.3).float()) >= 0).all()
+
+
+def test_focus_is_zero_iff_distributions_match():
+    g = torch.Generator().manual_seed(1)
+    soft = torch.rand(4, 10, generator=g, dtype=torch.float64) + 0.1
+    a = 0.1 * torch.log(soft / soft.sum(-1, keepdim=True))  # softmax(a / 0.1) = soft / sum
+    assert focus_loss(a, soft, tau=0.1).abs().max() < 1e-6
+    assert (focus_loss(a + 0.05 * torch.randn(4, 10, generator=g, dtype=torch.float64), soft) > 1e-6).all()
+
+
+def test_focus_closed_form_at_reference_defaults():
+    n, k = 4096, 1024
+    mask = torch.zeros(n, dtype=torch.float64)
+    mask[:k] = 1
+    expected = math.log(1 + (n - k) / (k * math.exp(10)))
+    assert focus_loss(mask, mask, tau=0.1).item() == pytest.approx(expected, rel=1e-4)
+    assert expected == pytest.approx(1.362e-4, rel=1e-3)
+
+
+def test_focus_empty_mask_is_uniform_and_permutation_invariant():
+    g = torch.Generator().manual_seed(2)
+    a = torch.rand(12, generator=g)
+    uniform_kl = -math.log(12) - torch.log_softmax(a / 0.1, -1).mean().item()
+    assert focus_loss(a, torch.zeros(12)).item() == pytest.approx(uniform_kl, rel=1e-5)
+    m = (torch.rand(12, generator=g) > 0.5).float()
+    perm = torch.randperm(12, generator=g)
+    assert focus_loss(a[perm], m[perm]).item() == pytest.approx(focus_loss(a, m).item(), rel=1e-6)
+
+
+def test_cover_bounds_closed_form_and_monotone():
+    lo, hi = F.softplus(torch.tensor(-2.0)).item(), F.softplus(torch.tensor(2.0)).item()
+    assert lo == pytest.approx(0.126928, abs=1e-6) and hi == pytest.approx(2.126928, abs=1e-6)
+    g = torch.Generator().manual_seed(3)
+    m = (torch.rand(64, generator=g) > 0.7).float()
+    for _ in range(5):
+        a = torch.rand(64, generator=g)
+        per_pixel = torch.stack([cover_loss(a[i : i + 1], m[i : i + 1]) for i in range(64)])
+        assert per_pixel.min() >= lo - 1e-6 and per_pixel.max() <= hi + 1e-6
+    f = m.mean().item()
+    assert cover_loss(m, m).item() == pytest.approx(f * 0.126928 + (1 - f) * math.log(2), rel=1e-5)
+    values = [cover_loss(t * m, m).item() for t in torch.linspace(0, 1, 6)]
+    assert all(x > y for x, y in itertools.pairwise(values))
+
+
+def brute_region_loss(maps, masks, token_objects, tau, alpha, lf, lc):
+    total = 0.0
+    for amap in maps:
+        side = math.isqrt(amap.shape[1])
+        small = (F.interpolate(masks, size=(side, side), mode="nearest") > 0).float().flatten(2)
+        per_sample = []
+        for b in range(amap.shape[0]):
+            objects = sorted({int(o) for o in token_objects[b] if o >= 0})
+            per_obj = []
+            for o in objects:
+                cols = [s for s in range(token_objects.shape[1]) if token_objects[b, s] == o]
+                vals = [
+                    lf * focus_loss(amap[b, :, s], small[b, o], tau=tau) + lc * cover_loss(amap[b, :, s], small[b, o], alpha=alpha)
+                    for s in cols
+                ]
+                per_obj.append(sum(vals) / len(vals))
+            per_sample.append(sum(per_obj) / len(per_obj))
+        total += sum(per_sample) / len(per_sample)
+    return total / len(maps)
+
+
+def test_region_loss_per_sample_per_object_matches_loops_and_single_runs():
+    g = torch.Generator().manual_seed(4)
+    maps = [torch.rand(2, 16, 3, generator=g), torch.rand(2, 4, 3, generator=g)]
+    masks = torch.zeros(2, 2, 8, 8)
+    masks[0, 0, :4, :4] = 1
+    masks[0, 1, 4:, 4:] = 1
+    masks[1, 0, 2:6, :] = 1
+    token_objects = torch.tensor([[0, 1, 1], [0, 0, -1]])
+    loss, metrics = region_attention_loss(maps, masks, token_objects, lambda_focus=0.1, lambda_cover=0.5)
+    expected = brute_region_loss(maps, masks, token_objects, 0.1, 2.0, 0.1, 0.5)
+    assert loss.item() == pytest.approx(float(expected), rel=1e-5)
+    assert set(metrics) == {"attn/focus", "attn/cover", "attn/loss"}
+    alone = [
+        region_attention_loss([m[b : b + 1] for m in maps], masks[b : b + 1], token_objects[b : b + 1], lambda_cover=0.5)[0]
+        for b in range(2)
+    ]
+    assert loss.item() == pytest.approx(sum(x.item() for x in alone) / 2, rel=1e-5)
+
+
+def test_maps_first_averaging_averages_layers_before_the_loss():
+    g = torch.Generator().manual_seed(5)
+    maps = torch.rand(3, 1, 16, 1, generator=g)
+    masks = torch.zeros(1, 1, 4, 4)
+    masks[0, 0, 1:3, 1:3] = 1
+    token_objects = torch.tensor([[0]])
+    got, _ = region_attention_loss(maps, masks, token_objects, average="maps", lambda_cover=0.0, lambda_focus=1.0)
+    mean_map = maps.mean(0)[0, :, 0]
+    assert got.item() == pytest.approx(focus_loss(mean_map, masks.flatten()).item(), rel=1e-6)
+    with pytest.raises(ShapeError):
+        region_attention_loss([torch.rand(1, 16, 1), torch.rand(1, 4, 1)], masks, token_objects, average="maps")
+
+
+def test_region_loss_rejects_bad_inputs():
+    masks = torch.zeros(1, 1, 4, 4)
+    masks[..., 0, 0] = 1
+    with pytest.raises(MaskError):
+        region_attention_loss([torch.rand(1, 16, 1)], masks * 3, torch.tensor([[0]]))
+    with pytest.raises(ShapeError, match="grid"):
+        region_attention_loss([torch.rand(1, 15, 1)], masks, torch.tensor([[0]]))
+    with pytest.raises(MaskError):
+        region_attention_loss([torch.rand(1, 16, 1)], masks, torch.tensor([[-1]]))
+    with pytest.raises(ConfigError):
+        focus_loss(torch.rand(3), torch.ones(3), tau=0.0)

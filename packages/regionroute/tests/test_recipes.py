@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from klcore.errors import ConfigError
+from klcore.plugins import build_plugin_manager
+from klcore.recipes import run_recipe
+
+TINY_TOY = [
+    "image_size=8", "train_examples=4", "eval_examples=2", "heads=2", "head_dim=8", "dual_blocks=1",
+    "single_blocks=1", "base_steps=2", "base_batch=2", "sample_steps=2", "train.trainer.steps=2",
+    "train.batch_size=2", "train.trainer.progress=false", "train.sample_every=1",
+]
+
+
+def test_toy_recipe_runs_at_tiny_size(tmp_path):
+    summary = run_recipe(build_plugin_manager(), "regionroute-toy", out=tmp_path, overrides=TINY_TOY)
+    for variant in ("without_attention_losses", "with_attention_losses"):
+        assert 0 <= summary[f"{variant}/attention_mask_iou"] <= 1
+        assert summary[f"{variant}/background_mse"] >= 0
+        assert (tmp_path / variant / "experts" / "stripes" / "pytorch_lora_weights.safetensors").is_file()
+        assert (tmp_path / variant / "samples" / "step-00000001.png").is_file()
+    for name in ("summary.json", "report.md", "losses.png", "attention_and_edits.png"):
+        assert (tmp_path / name).is_file()
+    assert json.loads((tmp_path / "summary.json").read_text())["styles"] == ["stripes", "invert"]
+
+
+def test_eval_recipe_demo_and_identity(tmp_path):
+    summary = run_recipe(build_plugin_manager(), "regionroute-eval", out=tmp_path, overrides=["demo_examples=2"])
+    assert summary["images"] == 2 and 0 <= summary["rsm"] <= 1 and summary["bg/mse"] > 0
+    records = json.loads((tmp_path / "demo" / "eval_records.json").read_text())
+    same = [dict(r, edited=r["source"]) for r in records]
+    (tmp_path / "demo" / "same.json").write_text(json.dumps(same))
+    out = run_recipe(build_plugin_manager(), "regionroute-eval", out=tmp_path / "same", overrides=[f"records={tmp_path / 'demo' / 'same.json'}"])
+    assert out["bg/mse"] == 0 and out["bg/ssim"] == pytest.approx(1.0) and out["bg/lpips"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_recipe_configs_are_validated(tmp_path):
+    with pytest.raises(ConfigError):
+        run_recipe(build_plugin_manager(), "regionroute-toy", out=tmp_path, overrides=["image_size=7"])
+    with pytest.raises(ConfigError):
+        run_recipe(build_plugin_manager(), "regionroute-toy", out=tmp_path, overrides=["train.layout=unet"])
