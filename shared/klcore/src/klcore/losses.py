@@ -4,6 +4,12 @@ Every policy loss in the registry has this signature, so trainers can swap them 
 ``fn(old_log_prob, log_prob, advantages, mask, *, agg, counts, norm_length, **options)`` with
 ``[B, T]`` tensors, returning ``(scalar loss, metrics)``. ``agg``, ``counts`` and ``norm_length`` are
 passed to ``klcore.reduce.aggregate``.
+
+A loss that needs statistics of the whole optimiser mini-batch (over every rank and micro-batch)
+may carry a ``prepare`` attribute: ``prepare(old_log_prob, log_prob, advantages, mask, *,
+accelerator, **options) -> dict[str, Tensor]`` with ``[rows, ...]`` values. ``GRPOTrainer`` calls
+it once per mini-batch (current log-probs, no gradient) and passes each micro-batch its rows of
+every value as a keyword argument of the loss call.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ A subclass implements two methods:
 * ``compute_loss(micro_batch, counts) -> (loss, metrics, outputs)`` for one micro-batch, with
   ``counts`` the global denominators of the optimiser step (``klcore.reduce``).
 
+and may override ``prepare_minibatch(mini, micro)`` to add per-row tensors computed once per
+optimiser mini-batch (every micro-batch then receives its rows).
+
 The loop does the rest: seeding, ``ppo_epochs`` x ``mini_batches`` optimiser steps split into
 micro-batches (gradient sync only on the last one), the plugins' extra loss terms, backward,
 clipping, optimiser and scheduler steps, run-time hooks, metrics reduced over processes (to
@@ -110,6 +113,15 @@ class Trainer(abc.ABC):
     def compute_loss(self, batch: Batch, counts: GlobalCounts) -> tuple[torch.Tensor, Metrics, Batch]:
         """Loss share, metrics and forward outputs (for ``klcore_extra_loss``) of one micro-batch."""
 
+    def prepare_minibatch(self, mini: Batch, micro: int) -> Batch:
+        """Extra ``[rows, ...]`` tensors computed once per optimiser mini-batch, before its micro-batches.
+
+        They are added to the mini-batch (so every micro-batch gets its rows) under names that must not
+        clash with the batch's. Default: none. :class:`GRPOTrainer` uses it for policy losses with a
+        ``prepare`` attribute (selections over the whole mini-batch of every rank).
+        """
+        return {}
+
     # --- the loop ------------------------------------------------------------------------------
 
     @property
@@ -179,6 +191,7 @@ class Trainer(abc.ABC):
         acc = self.accelerator
         counts = global_counts(mini[self.mask_key], accelerator=acc)
         rows = mini[self.mask_key].shape[0]
+        mini = {**mini, **self.prepare_minibatch(mini, micro)}
         starts = list(range(0, rows, micro))
         summed: dict[str, float] = defaultdict(float)  # loss shares: sum over micro-batches
         averaged: dict[str, float] = defaultdict(float)  # diagnostics: mean over micro-batches

@@ -2,6 +2,8 @@
 
 The policy loss is looked up by name in the registry (``config.loss``, built-in ``vanilla`` =
 PPO-clip), the advantage estimator by ``config.advantage`` (``grpo``, ``dr_grpo``, ``rloo``).
+A policy loss with a ``prepare`` attribute gets per-row tensors computed over the whole optimiser
+mini-batch (see :meth:`GRPOTrainer.prepare_minibatch`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from klcore import advantages as adv_lib
 from klcore.divergences import kl_estimate
+from klcore.errors import PluginError
 from klcore.logprobs import token_logprobs_and_entropy
 from klcore.plugins import Plugins
 from klcore.reduce import GlobalCounts, aggregate
@@ -26,6 +29,9 @@ from klcore.toy.tasks import Task
 from klcore.toy.warmup import encode_prompts, evaluate
 from klcore.trainer.base import Batch, Metrics, Trainer, step_seed
 from klcore.trainer.config import GRPOConfig
+
+#: Batch-key prefix of the tensors a policy loss's ``prepare`` returned (see ``prepare_minibatch``).
+PREPARED_PREFIX = "prepared/"
 
 
 def policy_forward(
@@ -136,9 +142,35 @@ class GRPOTrainer(Trainer):
             metrics.update({f"{k}_final": v for k, v in self.evaluate().items()})
         return metrics
 
-    def _in_chunks(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare_minibatch(self, mini: Batch, micro: int) -> Batch:
+        """For a policy loss with a ``prepare`` attribute: its per-row tensors for this mini-batch.
+
+        ``loss_fn.prepare(old_log_prob, log_prob, advantages, mask, accelerator=..., **loss_options)``
+        is called once per optimiser mini-batch on every process, with the current policy's log-probs
+        computed without gradient in micro-batch chunks; it returns a dict of ``[rows, ...]`` tensors,
+        stored as ``prepared/<name>`` and passed to each micro-batch's loss call as ``name=`` (its rows).
+        """
+        prepare = getattr(self.loss_fn, "prepare", None)
+        if prepare is None:
+            return {}
+        rows = mini[self.mask_key].shape[0]
+        with torch.no_grad(), self.accelerator.autocast():
+            log_prob, _ = self._in_chunks(self.model, mini, micro)
+        extra = prepare(
+            mini["old_log_prob"], log_prob, mini["advantages"], mini[self.mask_key],
+            accelerator=self.accelerator, **self.config.loss_options,
+        )
+        for name, value in extra.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != rows:
+                raise PluginError(
+                    f"{self.config.loss}.prepare returned {name!r} = {getattr(value, 'shape', type(value).__name__)}; "
+                    f"expected a tensor with one row per mini-batch row ({rows})"
+                )
+        return {PREPARED_PREFIX + name: value for name, value in extra.items()}
+
+    def _in_chunks(self, model: nn.Module, batch: Batch, rows_per_chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         rows = batch["responses"].shape[0]
-        step = self.config.micro_batch_size or rows
+        step = rows_per_chunk or self.config.micro_batch_size or rows
         parts = [
             policy_forward(model, {k: v[s : s + step] for k, v in batch.items()}, self.config.temperature)
             for s in range(0, rows, step)
@@ -152,7 +184,10 @@ class GRPOTrainer(Trainer):
         # a constant divisor for seq-mean-token-sum-norm, the same on every rank
         norm_length = cfg.norm_length or self.max_new_tokens
         agg = {"agg": cfg.agg, "counts": counts, "norm_length": norm_length}
-        loss, raw = self.loss_fn(batch["old_log_prob"], log_prob, batch["advantages"], mask, **agg, **cfg.loss_options)
+        prepared = {k[len(PREPARED_PREFIX) :]: v for k, v in batch.items() if k.startswith(PREPARED_PREFIX)}
+        loss, raw = self.loss_fn(
+            batch["old_log_prob"], log_prob, batch["advantages"], mask, **agg, **cfg.loss_options, **prepared
+        )
         metrics = {k: float(v) for k, v in raw.items()}
         if self.ref_model is not None:
             per_token = kl_estimate(log_prob, batch["ref_log_prob"], cfg.kl_estimator, mask=mask)

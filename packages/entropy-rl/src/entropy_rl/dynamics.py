@@ -1,0 +1,141 @@
+"""Entropy dynamics (Cui et al. 2025, Sec. 3): the first-order entropy change and a run-time probe.
+
+Lemma 1: for a softmax policy pi = softmax(z) at one state, a logit change dz changes the entropy by
+``H(z + dz) - H(z) = -Cov_{a ~ pi}(log pi(a), dz_a) + O(|dz|^2)``. With vanilla policy gradient
+``dz = eta pi A`` (Theorem 1) and with natural policy gradient ``dz = eta A`` (Theorem 2).
+
+:class:`EntropyDynamics` is a klcore metric plugin (``trainer.metrics = {entropy_dynamics = {}}``)
+that logs, per step, the entropy on the batch's states before and after the update, the first-order
+prediction of its change from the logit change the update actually made, the measured change on
+the same states, and the covariance of log-prob and advantage (token and response level).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from entropy_rl.covariance import response_covariance, token_covariance
+from klcore.errors import ConfigError, DataError, ShapeError
+from klcore.hookspecs import hookimpl
+from klcore.rollout import forward_accepts
+
+NEEDED_KEYS = ("input_ids", "attention_mask", "position_ids", "responses", "response_mask", "old_log_prob", "advantages")
+
+
+def _entropy_of(log_p: torch.Tensor) -> torch.Tensor:
+    p = log_p.exp()
+    return -torch.where(p > 0, p * log_p, torch.zeros((), device=p.device)).sum(-1)
+
+
+def entropy_change_first_order(logits: torch.Tensor, delta_logits: torch.Tensor) -> torch.Tensor:
+    """Lemma 1: ``-Cov_{a ~ softmax(logits)}(log pi(a), delta_logits_a)`` per state, shape ``[...]`` float32.
+
+    ``logits`` and ``delta_logits`` are ``[..., V]``; adding a constant to ``delta_logits`` changes nothing.
+    """
+    if logits.shape != delta_logits.shape:
+        raise ShapeError(f"logits {tuple(logits.shape)} and delta_logits {tuple(delta_logits.shape)} must match")
+    log_p = torch.log_softmax(logits.float(), -1)
+    p = log_p.exp()
+    d = delta_logits.float()
+    p_log_p = torch.where(p > 0, p * log_p, torch.zeros((), device=p.device))
+    d = torch.where(p > 0, d, torch.zeros((), device=p.device))  # actions of probability 0 do not count
+    return -((p_log_p * d).sum(-1) - p_log_p.sum(-1) * (p * d).sum(-1))
+
+
+def _response_log_softmax(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    r = batch["responses"].shape[1]
+    kwargs: dict[str, Any] = {"logits_to_keep": r + 1} if forward_accepts(model, "logits_to_keep") else {}
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+        use_cache=False, **kwargs,
+    )
+    return torch.log_softmax(out.logits[:, -(r + 1) : -1].float() / temperature, -1)
+
+
+class EntropyDynamics:
+    """Run-time probe: predicted versus measured entropy change of each update (klcore metric plugin).
+
+    ``max_states``: at most this many valid response positions of the step's batch (drawn with
+    ``seed`` and the step) keep their full old distribution (``max_states x V`` float32) for the
+    prediction; the entropy means use every valid token. Costs two extra forward passes per step.
+    Needs a trainer whose batch has the GRPO keys (``input_ids``, ``responses``, ``response_mask``,
+    ``old_log_prob``, ``advantages``, ...). Metrics:
+
+    * ``dynamics/entropy``, ``dynamics/entropy_after``: token-mean entropy of the batch's response
+      positions before and after the step's update;
+    * ``dynamics/cov_token``: Eq. 10 token covariance of log-prob and advantage (mean over tokens);
+    * ``dynamics/cov_response``: Eq. 8-9 response-level covariance, mean over prompt groups;
+    * ``dynamics/predicted_change``: Lemma 1 with the logit change the update made, mean over the
+      sampled states; ``dynamics/actual_change``: the measured entropy change on the same states.
+    """
+
+    def __init__(self, max_states: int = 1024, seed: int = 0) -> None:
+        if isinstance(max_states, bool) or not isinstance(max_states, int) or max_states < 1:
+            raise ConfigError(f"max_states must be a positive int, got {max_states!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"seed must be an int, got {seed!r}")
+        self.max_states = max_states
+        self.seed = seed
+        self._before: dict[str, Any] | None = None
+
+    def _forward_all(self, trainer: Any, batch: Mapping[str, torch.Tensor], states: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """Token-mean entropy over valid positions and the log-softmax ``[S, V]`` at ``states`` (row, col)."""
+        model = trainer.unwrapped_model
+        temperature = float(getattr(trainer.config, "temperature", 1.0))
+        rows = batch["responses"].shape[0]
+        chunk = int(getattr(trainer.config, "micro_batch_size", 0)) or rows
+        mask = batch["response_mask"].bool()
+        total, picked = 0.0, []
+        with torch.no_grad():
+            for start in range(0, rows, chunk):
+                part = {k: batch[k][start : start + chunk] for k in NEEDED_KEYS}
+                log_p = _response_log_softmax(model, part, temperature)
+                total += float((_entropy_of(log_p) * mask[start : start + chunk]).sum())
+                inside = (states[:, 0] >= start) & (states[:, 0] < start + chunk)
+                sel = states[inside]
+                picked.append(log_p[sel[:, 0] - start, sel[:, 1]])
+        return total / max(int(mask.sum()), 1), torch.cat(picked)
+
+    @hookimpl
+    def klcore_batch_ready(self, trainer: Any, step: int, batch: Mapping[str, torch.Tensor]) -> None:
+        missing = [k for k in NEEDED_KEYS if k not in batch]
+        if missing:
+            raise DataError(f"entropy_dynamics needs the batch keys {list(NEEDED_KEYS)}; this trainer's batch lacks {missing}")
+        mask = batch["response_mask"].bool()
+        valid = mask.nonzero()
+        if valid.shape[0] > self.max_states:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            keep = torch.randperm(valid.shape[0], generator=g)[: self.max_states].sort().values
+            valid = valid[keep.to(valid.device)]
+        entropy, log_p = self._forward_all(trainer, batch, valid)
+        metrics = {"dynamics/entropy": entropy}
+        if valid.shape[0]:
+            metrics["dynamics/cov_token"] = float(
+                token_covariance(batch["old_log_prob"], batch["advantages"], mask)[mask].mean()
+            )
+        group = getattr(trainer.config, "group_size", 0)
+        if group and mask.shape[0] % group == 0 and bool(mask.any()):
+            metrics["dynamics/cov_response"] = float(
+                response_covariance(batch["old_log_prob"], batch["advantages"], mask, group).mean()
+            )
+        self._before = {"states": valid, "log_p": log_p, "metrics": metrics}
+
+    @hookimpl
+    def klcore_step_end(self, trainer: Any, step: int, batch: Mapping[str, torch.Tensor]) -> dict[str, float] | None:
+        if self._before is None:
+            return None
+        before, self._before = self._before, None
+        entropy_after, log_p = self._forward_all(trainer, batch, before["states"])
+        old = before["log_p"]
+        metrics = dict(before["metrics"])
+        metrics["dynamics/entropy_after"] = entropy_after
+        if old.shape[0]:
+            metrics["dynamics/predicted_change"] = float(entropy_change_first_order(old, log_p - old).mean())
+            metrics["dynamics/actual_change"] = float((_entropy_of(log_p) - _entropy_of(old)).mean())
+        return metrics
+
+
+__all__ = ["EntropyDynamics", "entropy_change_first_order"]
