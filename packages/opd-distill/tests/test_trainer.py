@@ -1,0 +1,154 @@
+"""DistillTrainer on tiny random Llamas: runs, schedules, PACED weighting and vocabulary checks."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+from opd_distill import DistillConfig, DistillTrainer, PacedConfig
+
+from klcore.errors import ConfigError, VocabMismatchError
+from klcore.toy import char_tokenizer, get_task, tiny_causal_lm, tiny_config
+
+
+@dataclass(frozen=True)
+class AlwaysRight:
+    """A task whose verifier accepts everything: every pass rate is 1, so PACED gives weight 0."""
+
+    inner: object
+    name: str = "always"
+
+    @property
+    def max_answer_chars(self) -> int:
+        return 3
+
+    def problems(self, n, *, generator, split="train"):
+        return self.inner.problems(n, generator=generator, split=split)
+
+    def verify(self, problem, completion) -> float:
+        return 1.0
+
+
+def _config(**kw) -> DistillConfig:
+    base = dict(steps=2, prompts_per_step=4, group_size=2, problem_pool=8, eval_problems=8, progress=False, lr=1e-2)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _models(seed_s: int = 0, seed_t: int = 1):
+    return tiny_causal_lm(tiny_config("tiny"), seed=seed_s), tiny_causal_lm(tiny_config("tiny"), seed=seed_t)
+
+
+def _params(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("loss", ["opd_reinforce", "opd_ppo", "full_reverse_kl", "full_jsd", "hard_ce"])
+def test_trainer_runs_and_logs(tmp_path, loss):
+    student, teacher = _models()
+    task = get_task("addition", digits=1)
+    cfg = _config(loss=loss)
+    trainer = DistillTrainer(student, teacher, char_tokenizer(), task, cfg, run_dir=tmp_path, eval_tasks={"add": task})
+    before = _params(trainer.unwrapped_model)
+    history = trainer.train()
+    assert len(history) == 2
+    for key in ("kl/reverse", "kl/forward", "entropy/mean", "success/mean", "paced/weight_mean", "eval/add_pass@1"):
+        assert key in history[0] and history[0][key] == history[0][key], key
+    assert "eval/add_pass@1_final" in history[-1]
+    assert history[0]["kl/reverse"] > 0 and history[0]["kl/forward"] > 0
+    assert not torch.equal(before, _params(trainer.unwrapped_model))
+    assert (tmp_path / "metrics.jsonl").exists()
+
+
+def test_identical_teacher_gives_zero_kl_and_no_update(tmp_path):
+    student = tiny_causal_lm(tiny_config("tiny"), seed=0)
+    teacher = copy.deepcopy(student)
+    trainer = DistillTrainer(
+        student, teacher, char_tokenizer(), get_task("addition", digits=1), _config(steps=1), run_dir=tmp_path
+    )
+    before = _params(trainer.unwrapped_model)
+    (metrics,) = trainer.train()
+    assert abs(metrics["kl/reverse"]) < 1e-6 and abs(metrics["opd/reward_mean"]) < 1e-6
+    assert metrics["optim/grad_norm"] < 1e-6
+    torch.testing.assert_close(before, _params(trainer.unwrapped_model))
+
+
+def test_paced_zero_weight_when_always_solved(tmp_path):
+    student, teacher = _models()
+    task = AlwaysRight(get_task("addition", digits=1))
+    cfg = _config(steps=1, loss="full_forward_kl", paced=PacedConfig(weighting="paced", samples=3))
+    trainer = DistillTrainer(student, teacher, char_tokenizer(), task, cfg, run_dir=tmp_path)
+    before = _params(trainer.unwrapped_model)
+    (metrics,) = trainer.train()
+    assert metrics["paced/pool_pass_rate"] == 1.0 and metrics["paced/weight_zero_frac"] == 1.0
+    assert metrics["loss/objective"] == 0.0
+    torch.testing.assert_close(before, _params(trainer.unwrapped_model))
+    # unweighted, the same batch does move the student
+    student2, teacher2 = _models()
+    cfg2 = _config(steps=1, loss="full_forward_kl")
+    trainer2 = DistillTrainer(student2, teacher2, char_tokenizer(), task, cfg2, run_dir=tmp_path / "b")
+    before2 = _params(trainer2.unwrapped_model)
+    trainer2.train()
+    assert not torch.equal(before2, _params(trainer2.unwrapped_model))
+
+
+def test_pass_rate_estimation_in_trainer(tmp_path):
+    student, teacher = _models()
+    task = get_task("addition", digits=1)
+    cfg = _config(paced=PacedConfig(weighting="paced", samples=4))
+    trainer = DistillTrainer(student, teacher, char_tokenizer(), task, cfg, run_dir=tmp_path)
+    rates = trainer.estimate_pass_rates(torch.Generator().manual_seed(5))
+    assert rates.shape == (8,)
+    assert bool(((rates * 4) == (rates * 4).round()).all())  # multiples of 1/K
+    # a verifier that accepts every answer gives pass rate 1 on every problem
+    always = DistillTrainer(*_models(), char_tokenizer(), AlwaysRight(task), cfg, run_dir=tmp_path / "b")
+    torch.testing.assert_close(always.estimate_pass_rates(torch.Generator().manual_seed(5)), torch.ones(8))
+
+
+def test_two_stage_schedule_switches_objective(tmp_path):
+    cfg = _config(loss="full_forward_kl", then_loss="full_reverse_kl", switch_step=3, steps=5)
+    trainer = DistillTrainer(*_models(), char_tokenizer(), get_task("addition", digits=1), cfg, run_dir=tmp_path)
+    assert [trainer.objective_name(s) for s in range(5)] == ["full_forward_kl"] * 3 + ["full_reverse_kl"] * 2
+
+
+def test_vocab_mismatch_and_bad_config_raise(tmp_path):
+    student = tiny_causal_lm(tiny_config("tiny"), seed=0)
+    big = tiny_config("tiny")
+    big.vocab_size = 64
+    teacher = tiny_causal_lm(big, seed=1)
+    with pytest.raises(VocabMismatchError, match="vocabulary"):
+        DistillTrainer(student, teacher, char_tokenizer(), get_task("addition"), _config(), run_dir=tmp_path)
+    with pytest.raises(ConfigError):
+        _config(loss="vanilla")
+    with pytest.raises(ConfigError):
+        _config(then_loss="full_reverse_kl")  # no switch step
+    with pytest.raises(ConfigError):
+        _config(loss_options={"bta": 0.5})
+    with pytest.raises(ConfigError):
+        _config(paced=PacedConfig(samples=0))
+
+
+def test_teacher_rollout_steps_use_the_teachers_completions(tmp_path):
+    from klcore.rollout import sample
+    from klcore.toy.warmup import encode_prompts
+    from klcore.trainer.base import step_seed
+
+    student, teacher = _models()
+    tok, task = char_tokenizer(), get_task("addition", digits=1)
+    cfg = _config(loss="full_forward_kl", teacher_rollout_steps=1)
+    trainer = DistillTrainer(student, teacher, tok, task, cfg, run_dir=tmp_path)
+    batch, metrics = trainer.collect(0)
+    assert metrics["rollout/teacher_samples"] == 1.0
+    gen = torch.Generator().manual_seed(step_seed(cfg.seed, 0))
+    idx = torch.randint(len(trainer.pool), (cfg.prompts_per_step,), generator=gen)
+    expected = sample(
+        teacher, encode_prompts(tok, [trainer.pool[int(i)] for i in idx]), group_size=cfg.group_size,
+        max_new_tokens=trainer.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        generator=gen,
+    )
+    assert torch.equal(batch["tokens"], expected.responses)
+    assert trainer.collect(1)[1]["rollout/teacher_samples"] == 0.0
+    with pytest.raises(ConfigError, match="teacher_rollout_steps"):
+        _config(loss="opd_reinforce", teacher_rollout_steps=3)
