@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from hodgecover.barriers import BarrierCache, BarrierConfig, BarrierEngine, cand
 from hodgecover.moe import find_moe_layers, merge_operator, merged
 from hodgecover_models import FAMILIES, moe_model
 
-from klcore.errors import CheckpointError, ConfigError, DataError, UnsupportedModelError
+from klcore.errors import CheckpointError, ConfigError, DataError, ShapeError, UnsupportedModelError
 
 
 def _full_forward_kl(model, tokens, moe, members, freq):
@@ -45,6 +46,11 @@ def test_self_barrier_is_zero_barriers_are_nonnegative_and_weights_restore_bit_e
     pairs, b = engine.pair_barriers(0)
     assert len(pairs) == 15 and (b >= 0).all()
     assert engine.barriers(0, [(3,), (3, 3)]).tolist() == [0.0, 0.0]
+    # barriers() short-circuits singletons: run the engine's own merge path on expert 3 merged with itself
+    moe, freq = engine.by_index[0], engine.stats[0].frequencies
+    (self_merge,) = engine._evaluate(moe, [(3, 3)])
+    assert self_merge == pytest.approx(_full_forward_kl(model, tokens, moe, (3, 3), freq), abs=1e-7)
+    assert self_merge == pytest.approx(0.0, abs=1e-7)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     with torch.no_grad():
@@ -116,6 +122,8 @@ def test_candidate_triangles_are_capped_seeded_cliques_of_low_barrier_pairs():
     capped = candidate_triangles(pairs, values, cap=3, seed=5)
     assert len(capped) == 3 and set(capped) <= set(brute)
     assert capped == candidate_triangles(pairs, values, cap=3, seed=5)
+    with pytest.raises(ShapeError, match="27 values for 28 edges"):
+        candidate_triangles(pairs, values[:-1])
 
 
 def test_bad_inputs_raise_klcore_errors(tokens):
@@ -142,3 +150,62 @@ def test_bad_inputs_raise_klcore_errors(tokens):
         engine.barriers(5, [(0, 1)])
     with pytest.raises(DataError):
         engine.barriers(0, [(0, 9)])
+
+
+def test_cache_log_appends_one_line_per_batch_and_drops_a_truncated_last_line(tokens, tmp_path):
+    model = moe_model("mixtral")
+    path = tmp_path / "b.jsonl"
+    cfg = BarrierConfig(progress=False, merges_per_pass=2)
+    first = BarrierEngine(model, tokens, cfg, cache_path=path)
+    appended = []
+    original_add = first.cache.add
+
+    def add(values):
+        original_add(values)
+        appended.append(path.read_text().splitlines()[-1])
+
+    first.cache.add = add
+    want = first.barriers(0, [(0, 1), (0, 2), (0, 3), (1, 2)])
+    # the first batch creates the file; the second is appended as a line of its own
+    assert [sorted(json.loads(line)["values"]) for line in appended] == [["0:0,1", "0:0,2"], ["0:0,3", "0:1,2"]]
+    assert path.read_text().count("\n") == 1  # compacted at the end
+    # an interrupted run: two batches logged, the third cut short mid-line
+    header = json.dumps({"fingerprint": first.cache.fingerprint})
+    lines = [header, json.dumps({"values": {"0:0,1": want[0], "0:0,2": want[1]}}),
+             json.dumps({"values": {"0:0,3": want[2]}}), '{"values": {"0:1,2": 0.12']
+    path.write_text("\n".join(lines))
+    again = BarrierEngine(model, tokens, cfg, cache_path=path)
+    assert set(again.cache.values) == {"0:0,1", "0:0,2", "0:0,3"}
+    got = again.barriers(0, [(0, 1), (0, 2), (0, 3), (1, 2)])
+    assert again.evaluations == 1
+    assert got.tolist() == pytest.approx(want.tolist(), rel=1e-12)
+    assert BarrierCache(path, first.cache.fingerprint).values.keys() == {"0:0,1", "0:0,2", "0:0,3", "0:1,2"}
+    path.write_text("\n".join([header, "{not json", lines[1]]))  # corruption before the last line is an error
+    with pytest.raises(CheckpointError, match="line 2"):
+        BarrierCache(path, first.cache.fingerprint)
+
+
+@pytest.mark.parametrize("name", ["model.layers.1.mlp.gate.weight", "model.layers.0.self_attn.q_proj.weight"])
+def test_changing_a_router_or_attention_weight_invalidates_the_cache(tokens, tmp_path, name):
+    model = moe_model("mixtral")
+    path = tmp_path / "b.jsonl"
+    BarrierEngine(model, tokens, BarrierConfig(progress=False), cache_path=path).barriers(0, [(0, 1)])
+    with torch.no_grad():
+        model.get_parameter(name)[0, 0] += 0.25
+    with pytest.raises(CheckpointError, match="another model"):
+        BarrierEngine(model, tokens, BarrierConfig(progress=False), cache_path=path)
+
+
+def test_engine_evaluates_in_eval_mode_and_restores_training_mode(tokens):
+    model = moe_model("mixtral")
+    sets = [(0, 1), (2, 4, 5)]
+    want = BarrierEngine(model, tokens, BarrierConfig(progress=False)).barriers(1, sets)
+    for layer in model.model.layers:  # dropout and router jitter act only in training mode
+        layer.self_attn.attention_dropout = 0.5
+        layer.mlp.jitter_noise = 0.5
+    model.train()
+    model.model.layers[0].mlp.eval()  # a mixed-mode model comes back exactly as it was
+    engine = BarrierEngine(model, tokens, BarrierConfig(progress=False))
+    got = engine.barriers(1, sets)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-12, atol=0)
+    assert model.training and model.model.layers[1].mlp.training and not model.model.layers[0].mlp.training

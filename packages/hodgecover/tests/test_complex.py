@@ -215,3 +215,21 @@ def test_bad_input_raises_klcore_errors():
         hodge_decomposition(cx, np.ones(3), solver="magic")
     with pytest.raises(ConfigError):
         cx.boundary(3)
+
+
+def test_non_integer_vertices_raise_data_error_naming_the_simplex():
+    with pytest.raises(DataError, match=r"\('a', 'b'\)"):
+        SimplicialComplex(3, [("a", "b")])
+    with pytest.raises(DataError, match=r"1\.5"):
+        SimplicialComplex(3, [(0, 1.5)])
+    with pytest.raises(DataError, match="sequence"):
+        SimplicialComplex(3, [7])
+    assert SimplicialComplex(3, [(np.int64(0), 1.0)]).edges == [(0, 1)]
+
+
+def test_hodge_decomposition_accepts_the_documented_keyword_names():
+    cx = complete(4)
+    signal = np.arange(6, dtype=float)
+    by_name = hodge_decomposition(complex=cx, edge_signal=signal)
+    for a, b in zip(by_name, hodge_decomposition(cx, signal)):
+        np.testing.assert_array_equal(a, b)

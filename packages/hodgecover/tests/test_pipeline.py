@@ -140,3 +140,71 @@ def test_pyg_export_carries_the_complex_and_its_parts():
     assert data.edge_index.tolist() == [[0, 0, 1, 2], [1, 2, 2, 3]]
     assert data.triangle_index.tolist() == [[0], [1], [2]]
     torch.testing.assert_close(data.gradient + data.curl + data.harmonic, data.edge_signal)
+
+
+@pytest.mark.parametrize(("family", "target"), [("mixtral", 2 / 3), ("qwen2_moe", 0.6)])
+def test_hybrid_reaches_its_target_over_the_counted_parameters(family, target):
+    """Ratio 0.25 of 6 experts rounds to 2 dropped (realised r1 = 1/3, not 0.25); Wanda must complete the target
+    over the original routed experts plus the shared expert's linears, which it prunes too."""
+    from hodgecover.barriers import BarrierEngine
+    from hodgecover.selection import experts_to_keep
+    from hodgecover.surgery import prune_experts
+    from hodgecover.wanda import hybrid_sparsity
+
+    model = moe_model(family, experts=6, dtype=torch.float32)
+    tokens = torch.randint(3, 40, (2, 8), generator=torch.Generator().manual_seed(0))
+    engine = BarrierEngine(model, tokens, BarrierConfig(progress=False))
+    assert experts_to_keep(6, 0.25, top_k=2) == 4
+    keep = {0: [0, 2, 3, 5], 1: [1, 2, 4, 5]}
+    counted = 0
+    for m in find_moe_layers(model):  # independent count of the budget on the original model
+        counted += m.experts.gate_up_proj.numel() + m.experts.down_proj.numel()
+        shared = getattr(m.block, "shared_expert", None)
+        counted += sum(p.numel() for p in shared.parameters()) if shared is not None else 0
+    prune_experts(model, keep)
+    r2 = hybrid_sparsity(model, engine.stats, keep, target)
+    info = wanda_prune(model, engine.stats, keep, r2)
+    zeros = 0
+    for m in find_moe_layers(model):
+        zeros += int((m.experts.gate_up_proj == 0).sum() + (m.experts.down_proj == 0).sum())
+        shared = getattr(m.block, "shared_expert", None)
+        zeros += sum(int((p == 0).sum()) for p in shared.parameters()) if shared is not None else 0
+    kept_params = counted - 2 * 2 * (model.model.layers[0].mlp.experts.gate_up_proj[0].numel()
+                                     + model.model.layers[0].mlp.experts.down_proj[0].numel())
+    realised = (counted - kept_params + zeros) / counted
+    rows = sum(p.shape[-2] * (1 if p.dim() == 2 else p.shape[0]) for m in find_moe_layers(model)
+               for p in [m.experts.gate_up_proj, m.experts.down_proj])
+    tolerance = 1e-9 if family == "mixtral" else (rows + 2 * 3 * 16) / counted  # Wanda floors per output row
+    assert realised == pytest.approx(target, abs=tolerance)
+    assert info["wanda/compression"] == pytest.approx(realised, rel=1e-12)
+    assert realised <= target + 1e-9
+    with pytest.raises(ConfigError):
+        hybrid_sparsity(model, engine.stats, keep, 0.2)  # stage 1 already removed 1/3
+
+
+def test_triangle_filtration_without_candidate_triangles_falls_back_to_the_complete_graph():
+    model = moe_model("mixtral", experts=4, dtype=torch.float32)
+    tokens = torch.randint(3, 40, (2, 8), generator=torch.Generator().manual_seed(0))
+    config = HodgeCoverConfig(filtration="triangles", triangle_cap=0, num_thresholds=5,
+                              barrier=BarrierConfig(progress=False))
+    _engine, analyses = analyze(model, tokens, config)
+    for a in analyses.values():
+        assert a.triangles == [] and a.curve is None
+        assert a.complex.edges == a.pairs and a.complex.num_triangles == 0
+        lookup = dict(zip(a.pairs, a.pair_barriers))
+        np.testing.assert_allclose(a.parts.gradient + a.parts.harmonic, [lookup[e] for e in a.pairs], atol=1e-12)
+    assert plan(analyses, "hodgecover", 0.5, config).keep.keys() == analyses.keys()
+
+
+def test_pyg_export_without_torch_geometric_names_the_extra(monkeypatch):
+    import sys
+
+    from hodgecover.export import MissingExtraError, to_pyg
+
+    from klcore.errors import KlcoreError
+
+    monkeypatch.setitem(sys.modules, "torch_geometric", None)
+    monkeypatch.setitem(sys.modules, "torch_geometric.data", None)
+    with pytest.raises(MissingExtraError, match=r"hodgecover\[pyg\]") as err:
+        to_pyg(SimplicialComplex(2, [(0, 1)]))
+    assert isinstance(err.value, ImportError) and isinstance(err.value, KlcoreError)

@@ -24,9 +24,13 @@ def test_hodge_toy_runs_at_a_tiny_size(tmp_path):
     assert methods == {"hodgecover", "no-triangle", "greedy-barrier", "reap", "frequency", "random", "hc-smoe",
                        "hodgecover+wanda"}
     assert {r["ratio"] for r in summary["results"]} == {0.33, 0.66}
-    for name in ("summary.json", "report.md", "energy.png", "filtration.png", "perplexity.png", "barriers.json"):
+    for name in ("summary.json", "report.md", "energy.png", "filtration.png", "perplexity.png", "barriers.jsonl"):
         assert (tmp_path / name).exists(), name
     assert json.loads((tmp_path / "summary.json").read_text())["eval/ppl_uncompressed"] > 1
+    for r in summary["results"]:
+        if r["method"] == "hodgecover+wanda":  # realised r1: round(0.5 * ratio * 6) of 6 experts
+            assert r["expert_ratio"] == pytest.approx(round(3 * r["ratio"]) / 6)
+            assert r["compression"] == pytest.approx(r["ratio"], abs=1 / 16)  # Wanda floors per row of 16 inputs
 
 
 def test_checkpoint_recipe_prunes_a_saved_model_that_reloads(tmp_path):

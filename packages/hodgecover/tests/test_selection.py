@@ -16,7 +16,7 @@ from hodgecover.selection import (
     retained_mass,
 )
 
-from klcore.errors import ConfigError, DataError
+from klcore.errors import ConfigError, DataError, ShapeError
 
 
 def random_instance(seed: int, n: int = 8):
@@ -90,6 +90,11 @@ def test_budget_rounds_and_rejects_ratios_outside_the_open_interval():
             experts_to_keep(16, bad)
     with pytest.raises(ConfigError):
         experts_to_keep(8, 0.9, top_k=2)
+    for bad_ratio in ("0.5", None, True):
+        with pytest.raises(ConfigError):
+            experts_to_keep(16, bad_ratio)
+    with pytest.raises(ConfigError):
+        experts_to_keep(16.0, 0.5)
 
 
 def test_redirect_picks_the_cheapest_survivor_with_the_harmonic_penalty():
@@ -109,3 +114,7 @@ def test_retained_mass_counts_simplices_inside_the_kept_set():
     edges = [(0, 1), (0, 2), (1, 2), (2, 3)]
     m = retained_mass([0, 1, 2], edges, {"harmonic": [1.0, 2.0, 0.0, 3.0]}, [(0, 1, 2), (1, 2, 3)], [1.0, 1.0])
     assert m == {"harmonic": pytest.approx(5 / 14), "triangle": pytest.approx(0.5)}
+    with pytest.raises(ShapeError, match="harmonic"):
+        retained_mass([0, 1], edges, {"harmonic": [1.0, 2.0]})
+    with pytest.raises(ShapeError, match="triangle_barriers"):
+        retained_mass([0, 1], edges, {"harmonic": [1.0] * 4}, [(0, 1, 2), (1, 2, 3)], [1.0])

@@ -17,7 +17,7 @@ from hodgecover.complex import (
     filtration_complex,
     hodge_decomposition,
 )
-from hodgecover.export import to_pyg
+from hodgecover.export import MissingExtraError, to_pyg
 from hodgecover.moe import MoELayer, decoder_of, find_moe_layers, merge_operator, merged
 from hodgecover.pipeline import (
     METHODS,
@@ -41,7 +41,7 @@ from hodgecover.selection import (
     retained_mass,
 )
 from hodgecover.surgery import RedirectRouter, apply_redirect, merge_groups, prune_experts
-from hodgecover.wanda import second_ratio, wanda_mask, wanda_prune
+from hodgecover.wanda import hybrid_sparsity, second_ratio, wanda_mask, wanda_prune
 
 __all__ = [
     "METHODS",
@@ -53,6 +53,7 @@ __all__ = [
     "HodgeDecomposition",
     "LayerAnalysis",
     "LayerStats",
+    "MissingExtraError",
     "MoELayer",
     "Plan",
     "RedirectRouter",
@@ -72,6 +73,7 @@ __all__ = [
     "filtration_complex",
     "find_moe_layers",
     "greedy_cover",
+    "hybrid_sparsity",
     "hodge_decomposition",
     "merge_groups",
     "merge_operator",

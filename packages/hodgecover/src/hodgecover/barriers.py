@@ -15,7 +15,8 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,35 +75,81 @@ class LayerStats:
 
 
 class BarrierCache:
-    """Barriers on disk (JSON, written atomically) keyed by ``layer:i,j[,k]``; refuses another run's cache."""
+    """Barriers on disk keyed by ``layer:i,j[,k]``; refuses another run's cache.
+
+    The file is a JSON-lines log: a header line ``{"fingerprint": ...}``, then one ``{"values": {...}}`` line
+    appended per batch of merges (O(batch) I/O each). A truncated last line (an interrupted append) is dropped
+    on load. ``compact`` rewrites the log atomically as one line holding every value.
+    """
 
     def __init__(self, path: str | Path | None, fingerprint: str) -> None:
         self.path = Path(path) if path else None
         self.fingerprint = fingerprint
         self.values: dict[str, float] = {}
         if self.path is not None and self.path.exists():
+            self._load(self.path)
+
+    def _load(self, path: Path) -> None:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as err:
+            raise CheckpointError(f"barrier cache {path} is unreadable ({err}); delete it to start over") from err
+        records = []
+        for n, line in enumerate(lines):
             try:
-                data = json.loads(self.path.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                raise CheckpointError(f"barrier cache {self.path} is unreadable ({err}); delete it to start over") from err
-            if data.get("fingerprint") != fingerprint:
-                raise CheckpointError(
-                    f"barrier cache {self.path} was computed for another model, calibration set or KL direction "
-                    f"(fingerprint {data.get('fingerprint')!r}, expected {fingerprint!r}); use another path or delete it"
-                )
-            self.values = {k: float(v) for k, v in data["values"].items()}
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if n == len(lines) - 1 and n > 0:  # an append cut short: drop it and rewrite the file
+                    break
+                raise CheckpointError(f"barrier cache {path} line {n + 1} is corrupt ({err}); delete it to start "
+                                      "over") from err
+        if not records or not isinstance(records[0], dict) or records[0].get("fingerprint") != self.fingerprint:
+            found = records[0].get("fingerprint") if records and isinstance(records[0], dict) else None
+            raise CheckpointError(
+                f"barrier cache {path} was computed for another model, calibration set or KL direction "
+                f"(fingerprint {found!r}, expected {self.fingerprint!r}); use another path or delete it"
+            )
+        for record in records:
+            self.values.update({k: float(v) for k, v in record.get("values", {}).items()})
+        if len(records) < len(lines):
+            self.compact()
 
     @staticmethod
     def key(layer: int, members: Sequence[int]) -> str:
         return f"{layer}:" + ",".join(str(m) for m in sorted(members))
 
-    def save(self) -> None:
+    def add(self, values: dict[str, float]) -> None:
+        """Record ``values`` and append them to the log as one line (header first if the file is new)."""
+        self.values.update(values)
+        if self.path is None:
+            return
+        if not self.path.exists():
+            self.compact()
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"values": values}) + "\n")
+            f.flush()
+
+    def compact(self) -> None:
+        """Rewrite the log atomically (tmp file, rename) as the header plus one line with every value."""
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "values": self.values}))
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "values": self.values}) + "\n")
         os.replace(tmp, self.path)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the block; every submodule's previous ``training`` flag is restored on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _expand(value: Any, batch: int, copies: int) -> Any:
@@ -189,18 +236,20 @@ class BarrierEngine:
                     hooks.append(sub.register_forward_pre_hook(linear_hook(m.index, name)))
         hooks.append(self.decoder.norm.register_forward_pre_hook(
             lambda module, args: self.final_hidden.append(args[0].detach().clone())))
-        was_training = self.model.training
-        self.model.eval()
         try:
-            for chunk in self.tokens.split(self.config.batch_size):
-                self.model(input_ids=chunk, use_cache=False)
+            with _eval_mode(self.model):
+                for chunk in self.tokens.split(self.config.batch_size):
+                    self.model(input_ids=chunk, use_cache=False)
         finally:
             for h in hooks:
                 h.remove()
-            self.model.train(was_training)
 
     @torch.no_grad()
     def _layer_stats(self, moe: MoELayer) -> LayerStats:
+        with _eval_mode(self.model):
+            return self._layer_stats_eval(moe)
+
+    def _layer_stats_eval(self, moe: MoELayer) -> LayerStats:
         x_all = torch.cat(self.block_inputs[moe.index])
         e = moe.num_experts
         gate_up, down = moe.experts.gate_up_proj, moe.experts.down_proj
@@ -233,14 +282,23 @@ class BarrierEngine:
             linear_input_sq={k: v.cpu() for k, v in self.linear_sq[moe.index].items()},
         )
 
+    @torch.no_grad()
     def _fingerprint(self) -> str:
+        """Hash of the tokens, KL direction, model config JSON and, per ``state_dict`` tensor, its name, shape,
+        dtype, sum and sum of squares (float64 reductions where the tensor lives; two numbers cross per tensor)."""
         h = hashlib.sha256()
         h.update(self.tokens.cpu().numpy().tobytes())
         h.update(self.config.kl_direction.encode())
-        for m in self.moe_layers:
-            for p in m.expert_parameters().values():
-                h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
-                h.update(str(float(p.detach().float().sum())).encode())
+        config = getattr(self.model, "config", None)
+        h.update((config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else "").encode())
+        sums = []
+        for name, t in self.model.state_dict().items():
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+            x = t.detach() if t.is_floating_point() else t.detach().float()
+            acc = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+            sums.append(torch.stack([x.sum(dtype=acc), x.square().sum(dtype=acc)]).cpu().double())
+        if sums:
+            h.update(torch.cat(sums).numpy().tobytes())
         return h.hexdigest()[:16]
 
     # ------------------------------------------------------------------ evaluation
@@ -267,6 +325,11 @@ class BarrierEngine:
 
     @torch.no_grad()
     def _evaluate(self, moe: MoELayer, merges: list[tuple[int, ...]]) -> list[float]:
+        """Barrier of each merge of one layer (a set with a repeated expert merges it with itself)."""
+        with _eval_mode(self.model):
+            return self._evaluate_eval(moe, merges)
+
+    def _evaluate_eval(self, moe: MoELayer, merges: list[tuple[int, ...]]) -> list[float]:
         sums = [0.0] * len(merges)
         count = 0
         start = moe.index
@@ -303,10 +366,11 @@ class BarrierEngine:
         step = self.config.merges_per_pass
         batches = [todo[i:i + step] for i in range(0, len(todo), step)]
         for batch in tqdm(batches, desc=f"{desc} layer {layer}", disable=not self.config.progress or not batches):
-            for members, value in zip(batch, self._evaluate(moe, batch)):
-                self.cache.values[BarrierCache.key(layer, members)] = value
+            values = self._evaluate(moe, batch)
+            self.cache.add({BarrierCache.key(layer, members): v for members, v in zip(batch, values)})
             self.evaluations += len(batch)
-            self.cache.save()
+        if batches:
+            self.cache.compact()
         return np.array([0.0 if len(k) == 1 else self.cache.values[BarrierCache.key(layer, k)] for k in keys])
 
     def pair_barriers(self, layer: int) -> tuple[list[tuple[int, int]], np.ndarray]:
@@ -326,7 +390,10 @@ def candidate_triangles(
     sorted; a seeded random subset of ``cap`` of them when there are more."""
     if cap < 0 or not 0.0 < quantile <= 1.0:
         raise ConfigError(f"need cap >= 0 and quantile in (0, 1], got cap={cap}, quantile={quantile}")
-    vals = np.asarray(values, dtype=float)
+    vals = np.asarray(values, dtype=float).reshape(-1)
+    if vals.shape != (len(edges),):
+        raise ShapeError(f"need one barrier value per edge: got {vals.shape[0]} values for {len(edges)} edges; "
+                         "pass the pairs and the barriers returned together by pair_barriers")
     if vals.size == 0:
         return []
     cut = np.quantile(vals, quantile)

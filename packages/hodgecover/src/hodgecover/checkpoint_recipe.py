@@ -1,6 +1,6 @@
 """Recipe ``hodgecover``: compress a Hugging Face MoE checkpoint folder (``--set model=PATH --set ratio=0.5``).
 
-Barriers are cached in ``OUT/barriers.json``: re-running with the same ``--out`` continues an interrupted run.
+Barriers are cached in ``OUT/barriers.jsonl``: re-running with the same ``--out`` continues an interrupted run.
 The pruned model (with its tokenizer) is saved to ``OUT/model`` and loads with ``from_pretrained``.
 """
 
@@ -17,7 +17,7 @@ import torch
 from hodgecover.calibration import perplexity, token_blocks
 from hodgecover.pipeline import METHODS, HodgeCoverConfig, analyze, apply_plan, plan
 from hodgecover.toy_recipe import toy_text
-from hodgecover.wanda import second_ratio, wanda_prune
+from hodgecover.wanda import hybrid_sparsity, wanda_prune
 from klcore.errors import CheckpointError, ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,7 +75,7 @@ def run(config: CheckpointConfig, run_dir: Path) -> dict[str, Any]:
     source: Any = config.calibration or [toy_text(config.num_tokens, seed=0, split="train")]
     calib = token_blocks(tokenizer, source, num_tokens=config.num_tokens, seq_len=config.seq_len,
                          text_column=config.text_column)
-    engine, analyses = analyze(model, calib, config.hodgecover, cache_path=run_dir / "barriers.json")
+    engine, analyses = analyze(model, calib, config.hodgecover, cache_path=run_dir / "barriers.jsonl")
     chosen = plan(analyses, config.method, config.ratio, config.hodgecover)
     summary: dict[str, Any] = {"plan": chosen.summary(), "layers": layer_table(analyses),
                                "barrier_evaluations": engine.evaluations,
@@ -87,7 +87,8 @@ def run(config: CheckpointConfig, run_dir: Path) -> dict[str, Any]:
         summary["eval/ppl_uncompressed"] = perplexity(model, held_out)
     apply_plan(model, chosen, analyses)
     if config.wanda_target:
-        summary.update(wanda_prune(model, engine.stats, chosen.keep, second_ratio(config.wanda_target, config.ratio)))
+        r2 = hybrid_sparsity(model, engine.stats, chosen.keep, config.wanda_target)  # from the realised 1 - K/E
+        summary.update(wanda_prune(model, engine.stats, chosen.keep, r2), **{"wanda/ratio": r2})
     if held_out is not None:
         summary["eval/ppl_compressed"] = perplexity(model, held_out)
     summary["time_s"] = time.perf_counter() - t0

@@ -33,6 +33,25 @@ FILTRATION_MODES = ("joint", "triangles")
 _DENSE_MAX_COLUMNS = 64
 
 
+def _members(raw: object, name: str) -> list[object]:
+    try:
+        return list(raw)  # type: ignore[call-overload]
+    except TypeError as err:
+        raise DataError(f"a {name} must be a sequence of vertex indices, got {raw!r}") from err
+
+
+def _vertex(value: object, name: str, raw: object) -> int:
+    """``value`` as a vertex index; ``DataError`` naming the simplex when it is not an integer."""
+    try:
+        index = int(value)  # type: ignore[call-overload]
+        integral = bool(index == value)
+    except (TypeError, ValueError):
+        integral = False
+    if not integral:
+        raise DataError(f"{name} {raw!r} has a vertex {value!r} that is not an integer index; give integer indices")
+    return index
+
+
 class SimplicialComplex:
     """A simplicial 2-complex on vertices ``0..num_vertices-1``.
 
@@ -59,7 +78,7 @@ class SimplicialComplex:
     def _simplices(self, items: Iterable[Sequence[int]], size: int, name: str) -> list[tuple[int, ...]]:
         out: set[tuple[int, ...]] = set()
         for raw in items:
-            s = tuple(sorted(int(v) for v in raw))
+            s = tuple(sorted(_vertex(v, name, raw) for v in _members(raw, name)))
             if len(s) != size or len(set(s)) != size:
                 raise DataError(f"a {name} needs {size} distinct vertices, got {tuple(raw)!r}")
             if s[0] < 0 or s[-1] >= self.num_vertices:
@@ -213,10 +232,10 @@ def decompose(
 
 
 def hodge_decomposition(
-    complex_: SimplicialComplex, edge_signal: object, *, solver: Solver = "auto", tol: float = 1e-12
+    complex: SimplicialComplex, edge_signal: object, *, solver: Solver = "auto", tol: float = 1e-12
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(gradient, curl, harmonic)``, each ``[|E|]`` float64, summing to ``edge_signal``; see ``decompose``."""
-    d = decompose(complex_, edge_signal, solver=solver, tol=tol)
+    d = decompose(complex, edge_signal, solver=solver, tol=tol)
     return d.gradient, d.curl, d.harmonic
 
 

@@ -8,6 +8,11 @@ import numpy as np
 import torch
 
 from hodgecover.complex import HodgeDecomposition, SimplicialComplex
+from klcore.errors import KlcoreError
+
+
+class MissingExtraError(KlcoreError, ImportError):
+    """An optional dependency of hodgecover is not installed; the message names the extra to install."""
 
 
 def to_pyg(complex_: SimplicialComplex, parts: HodgeDecomposition | None = None, edge_signal: Any = None) -> Any:
@@ -16,7 +21,10 @@ def to_pyg(complex_: SimplicialComplex, parts: HodgeDecomposition | None = None,
     try:
         from torch_geometric.data import Data
     except ImportError as err:
-        raise ImportError("to_pyg needs torch-geometric: pip install 'hodgecover[pyg]'") from err
+        raise MissingExtraError(
+            f"to_pyg needs torch-geometric, which is not importable ({err}); install the extra: "
+            "pip install 'hodgecover[pyg]'"
+        ) from err
 
     def index(simplices: list, width: int) -> torch.Tensor:
         return torch.tensor(np.asarray(simplices, dtype=np.int64).reshape(-1, width).T.copy())
@@ -32,4 +40,4 @@ def to_pyg(complex_: SimplicialComplex, parts: HodgeDecomposition | None = None,
     return data
 
 
-__all__ = ["to_pyg"]
+__all__ = ["MissingExtraError", "to_pyg"]

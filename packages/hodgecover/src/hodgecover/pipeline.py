@@ -132,7 +132,8 @@ def analyze_layer(engine: BarrierEngine, layer: int, config: HodgeCoverConfig) -
     else:
         tv = tb.copy()
     curve = None
-    if config.filtration == "none":
+    if config.filtration == "none" or (config.filtration == "triangles" and not tris):
+        # without candidate triangles every threshold of the triangle filtration gives the complete graph
         cx = SimplicialComplex(moe.num_experts, pairs, tris)
     else:
         curve = beta_curve(moe.num_experts, pairs, pb, tris, tv, num_thresholds=config.num_thresholds,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -14,8 +15,10 @@ from klcore.errors import ConfigError, DataError, ShapeError
 
 def experts_to_keep(num_experts: int, ratio: float, top_k: int = 1) -> int:
     """Uniform per-layer budget: ``E - round(ratio * E)`` survivors; must stay >= ``top_k``."""
-    if not 0.0 < float(ratio) < 1.0:
-        raise ConfigError(f"ratio (fraction of experts removed) must lie in (0, 1), got {ratio!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 < float(ratio) < 1.0:
+        raise ConfigError(f"ratio (fraction of experts removed) must be a number in (0, 1), got {ratio!r}")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, numbers.Integral) or num_experts < 1:
+        raise ConfigError(f"num_experts must be a positive integer, got {num_experts!r}")
     keep = num_experts - round(ratio * num_experts)
     if keep < max(top_k, 1):
         raise ConfigError(
@@ -170,10 +173,15 @@ def retained_mass(
     out = {}
     for name, values in components.items():
         c2 = np.asarray(values, dtype=float) ** 2
+        if c2.shape != (len(edges),):
+            raise ShapeError(f"component {name!r} has shape {c2.shape}, expected ({len(edges)},): one value per edge")
         total = c2.sum()
         out[name] = float(c2[inside].sum() / total) if total > 0 else 1.0
     if len(triangles):
         t2 = np.asarray(triangle_barriers, dtype=float) ** 2
+        if t2.shape != (len(triangles),):
+            raise ShapeError(f"triangle_barriers has shape {t2.shape}, expected ({len(triangles)},): one barrier "
+                             "per triangle")
         tin = np.array([set(t) <= s for t in triangles], dtype=bool)
         out["triangle"] = float(t2[tin].sum() / t2.sum()) if t2.sum() > 0 else 1.0
     return out

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from hodgecover.barriers import BarrierConfig
 from hodgecover.calibration import perplexity
 from hodgecover.pipeline import METHODS, HodgeCoverConfig, analyze, apply_plan, plan
-from hodgecover.wanda import second_ratio, wanda_prune
+from hodgecover.wanda import hybrid_sparsity, wanda_prune
 from klcore.errors import ConfigError
 
 WORDS = ("the", "a", "cat", "dog", "bird", "sat", "ran", "saw", "on", "under", "big", "small", "red", "blue",
@@ -149,7 +149,7 @@ def run(config: HodgeToyConfig, run_dir: Path) -> dict[str, Any]:
     timings["train_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    engine, analyses = analyze(model, calib, config.hodgecover, cache_path=run_dir / "barriers.json")
+    engine, analyses = analyze(model, calib, config.hodgecover, cache_path=run_dir / "barriers.jsonl")
     timings["analysis_s"] = time.perf_counter() - t1
     base_ppl = perplexity(model, held_out)
 
@@ -162,13 +162,14 @@ def run(config: HodgeToyConfig, run_dir: Path) -> dict[str, Any]:
             results.append({"method": method, "ratio": ratio, "ppl": perplexity(compressed, held_out),
                             "retained": _mean_retained(chosen.retained)})
         if config.hybrid:
-            r1 = config.hybrid_expert_share * ratio
-            chosen = plan(analyses, "hodgecover", r1, config.hodgecover)
+            chosen = plan(analyses, "hodgecover", config.hybrid_expert_share * ratio, config.hodgecover)
             compressed = apply_plan(copy.deepcopy(model), chosen, analyses)
-            r2 = second_ratio(ratio, r1)
-            wanda_prune(compressed, engine.stats, chosen.keep, r2)
+            r2 = hybrid_sparsity(compressed, engine.stats, chosen.keep, ratio)  # from the realised 1 - K/E
+            pruned = wanda_prune(compressed, engine.stats, chosen.keep, r2)
+            r1 = 1 - sum(len(chosen.keep[k]) for k in analyses) / sum(a.num_experts for a in analyses.values())
             results.append({"method": "hodgecover+wanda", "ratio": ratio, "ppl": perplexity(compressed, held_out),
-                            "retained": _mean_retained(chosen.retained), "expert_ratio": r1, "wanda_ratio": r2})
+                            "retained": _mean_retained(chosen.retained), "expert_ratio": r1, "wanda_ratio": r2,
+                            "compression": pruned["wanda/compression"]})
     timings["compress_eval_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
     timings["total_cpu_s"] = time.process_time() - cpu0  # CPU time of this process (the machine may be shared)
