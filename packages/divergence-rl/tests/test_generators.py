@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from decimal import Decimal, localcontext
 
 import pytest
 import torch
@@ -149,3 +150,36 @@ def test_bad_inputs() -> None:
         f_values(torch.zeros(3, dtype=torch.long), "js")
     with pytest.raises(NonFiniteError):
         f_values(torch.tensor([0.0, float("nan")]), "forward_kl")
+
+
+def _exact(r: float, kind: str, alpha: float) -> tuple[float, float]:
+    """f(e^r) and df/dr from the notes' formulas in u, at 60 significant digits (independent of torch)."""
+    with localcontext() as ctx:
+        ctx.prec = 60
+        x, a = Decimal(r), Decimal(alpha)
+        u = x.exp()
+        if kind == "js":
+            half = ((u + 1) / 2).ln()
+            value, slope = (u * x - (u + 1) * half) / 2, u * (x - half) / 2
+        elif kind == "forward_kl":
+            value, slope = u - 1 - x, u - 1
+        else:
+            pow_u = ((1 - a) * x).exp()  # u^(1-alpha)
+            value, slope = (pow_u - (1 - a) * u - a) / (a * (a - 1)), (u - pow_u) / a
+        return float(value), float(slope)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e-6])
+@pytest.mark.parametrize("kind", MASS_COVERING)
+def test_float32_near_one_is_non_negative_and_accurate(kind: str, scale: float) -> None:
+    """Dense log-ratios around u = 1 in float32: f >= 0 everywhere, values and gradients to float32 precision."""
+    r = torch.linspace(-scale, scale, 2001, dtype=torch.float32).requires_grad_(True)
+    values = f_values(r, kind, alpha=0.3)
+    (grad,) = torch.autograd.grad(values.sum(), r)
+    assert values.dtype == torch.float32 and (values >= 0).all()
+    exact = torch.tensor([_exact(float(x), kind, 0.3) for x in r.detach().double()], dtype=torch.float64)
+    value_want, slope_want = exact[:, 0], exact[:, 1]
+    nonzero = r.detach() != 0
+    rel = (values.detach().double() - value_want).abs()[nonzero] / value_want[nonzero]
+    assert float(rel.max()) < 1e-6
+    torch.testing.assert_close(grad.double(), slope_want, rtol=1e-6, atol=0.0)

@@ -166,3 +166,47 @@ def test_bad_config(kw) -> None:
         small_config(**kw)
     with pytest.raises(ConfigError):
         SelectionRule(min_correct=-1)
+
+
+@pytest.mark.parametrize("key", ["rule", "samples", "prompts", "chunk_size", "model_fingerprint"])
+def test_manifest_missing_a_key_is_a_data_error_naming_it(tiny_model, tokenizer, tmp_path, key: str) -> None:
+    presample(tiny_model, tokenizer, TASK, small_config(), tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    del manifest[key]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=key):
+        load_rehearsal(tmp_path)
+
+
+def test_manifest_with_an_invalid_rule_is_a_data_error(tiny_model, tokenizer, tmp_path) -> None:
+    presample(tiny_model, tokenizer, TASK, small_config(), tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["rule"] = {"min_correct": 2, "best_of": 3}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="selection rule"):
+        load_rehearsal(tmp_path)
+
+
+def test_resume_with_another_model_of_the_same_vocabulary_is_refused(tiny_model, tokenizer, tmp_path) -> None:
+    from klcore.toy import tiny_causal_lm, tiny_config
+
+    presample(tiny_model, tokenizer, TASK, small_config(), tmp_path)
+    other = tiny_causal_lm(tiny_config("tiny"), seed=1)
+    assert other.config.vocab_size == tiny_model.config.vocab_size
+    with pytest.raises(DataError, match=r"another model.*fresh store"):
+        presample(other, tokenizer, TASK, small_config(), tmp_path)
+    with torch.no_grad():  # a small update of one weight (a few optimiser steps) is another model too
+        next(tiny_model.parameters())[0, 0] += 1e-3
+    with pytest.raises(DataError, match="another model"):
+        presample(tiny_model, tokenizer, TASK, small_config(), tmp_path)
+
+
+def test_model_fingerprint_depends_on_the_weights_only() -> None:
+    from divergence_rl import model_fingerprint
+
+    from klcore.toy import tiny_causal_lm, tiny_config
+
+    a, b = tiny_causal_lm(tiny_config("tiny"), seed=0), tiny_causal_lm(tiny_config("tiny"), seed=0)
+    assert model_fingerprint(a) == model_fingerprint(b)  # same weights, separately built
+    b.load_state_dict(tiny_causal_lm(tiny_config("tiny"), seed=2).state_dict())
+    assert model_fingerprint(a) != model_fingerprint(b)

@@ -10,6 +10,7 @@ folder skips the finished shards and produces exactly the store an uninterrupted
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from klcore.toy import encode_prompts
 from klcore.toy.tasks import Problem, Task
 from klcore.trainer.grpo import policy_forward
 
-#: manifest keys that must agree when a run resumes in an existing store
+#: manifest keys that must agree when a run resumes in an existing store (the model is checked first, apart)
 _RESUME_KEYS = ("samples", "extra_sample", "responses_per_prompt", "temperature", "max_new_tokens", "chunk_size",
                 "seed", "vocab_size", "prompts")
 
@@ -91,8 +92,22 @@ def training_prompts(task: Task, n: int, seed: int) -> list[Problem]:
     return list(seen.values())
 
 
+@torch.no_grad()
+def model_fingerprint(model: nn.Module) -> str:
+    """A cheap hash of ``model``'s weights (16 hex digits): per parameter its name, shape, dtype, sum of |w| and
+    of w^2 (6 significant digits) and sum(w) / sum(|w|) (6 decimals), so that the last-bit differences of a
+    float64 reduction on another device do not change it while any real change of the weights does."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        w = param.detach().double()
+        l1, l2, signed = (float(v) for v in torch.stack([w.abs().sum(), w.square().sum(), w.sum()]).cpu())
+        balance = signed / l1 if l1 > 0 else 0.0
+        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|{l1:.6e}|{l2:.6e}|{balance:.6f};".encode())
+    return digest.hexdigest()[:16]
+
+
 def _manifest(config: PresampleConfig, prompts: list[Problem], vocab_size: int, pad_token_id: int,
-              max_new_tokens: int) -> dict[str, Any]:
+              max_new_tokens: int, fingerprint: str) -> dict[str, Any]:
     settings = asdict(config)
     return {
         "format": FORMAT,
@@ -103,6 +118,7 @@ def _manifest(config: PresampleConfig, prompts: list[Problem], vocab_size: int, 
         "rule": asdict(config.rule),
         "vocab_size": vocab_size,
         "pad_token_id": pad_token_id,
+        "model_fingerprint": fingerprint,
         "prompts": [[p.prompt, p.answer] for p in prompts],
     }
 
@@ -158,7 +174,8 @@ def presample(
 
     The summary holds the number of prompts, of shards written now and skipped as already done, of
     stored responses, and the sizes of the rehearsal and exploration sets under the config's rule.
-    Raises ``CheckpointError`` when ``out`` holds a store sampled with other settings or prompts.
+    Raises ``CheckpointError`` when ``out`` holds a store sampled with other settings or prompts, and
+    ``DataError`` when it was sampled from another model (see :func:`model_fingerprint`).
     """
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -167,9 +184,14 @@ def presample(
         raise ConfigError(f"{type(model).__name__} has no config.vocab_size; pass a Hugging Face causal LM")
     max_new = config.max_new_tokens or task.max_answer_chars + 2
     prompts = training_prompts(task, config.num_prompts, config.seed)
-    manifest = _manifest(config, prompts, vocab, tokenizer.pad_token_id, max_new)
+    manifest = _manifest(config, prompts, vocab, tokenizer.pad_token_id, max_new, model_fingerprint(model))
     if (root / MANIFEST).exists():
         old = read_manifest(root)
+        if old["model_fingerprint"] != manifest["model_fingerprint"]:
+            raise DataError(f"{root} was pre-sampled from another model (weights fingerprint "
+                            f"{old['model_fingerprint']}, this model {manifest['model_fingerprint']}): resuming would "
+                            "mix responses and log-probs of two initial policies. Resume with the model the store was "
+                            "started with, or start a fresh store: pre-sample into a new folder (or delete this one)")
         changed = [k for k in _RESUME_KEYS if old.get(k) != manifest[k]]
         if changed:
             raise CheckpointError(f"{root} holds a pre-sampling run with other {changed}; resume with the same "
@@ -213,4 +235,4 @@ def presample(
     }
 
 
-__all__ = ["PresampleConfig", "presample", "training_prompts"]
+__all__ = ["PresampleConfig", "model_fingerprint", "presample", "training_prompts"]

@@ -3,8 +3,10 @@
 A store is a folder:
 
 * ``manifest.json``: ``format``, ``version``, the sampling settings (``samples``, ``extra_sample``,
-  ``temperature``, ``chunk_size``, ``seed``), the model's ``vocab_size``, the selection rule chosen at
-  sampling time, and the ordered training prompts (``prompt``, ``answer``). Written first.
+  ``responses_per_prompt``, ``temperature``, ``max_new_tokens``, ``chunk_size``, ``seed``), the
+  model's ``vocab_size``, ``pad_token_id`` and ``model_fingerprint`` (a hash of its weights), the
+  selection rule chosen at sampling time, and the ordered training prompts (``prompt``, ``answer``).
+  Written first.
 * ``shard-NNNNN.safetensors``, one per chunk of ``chunk_size`` prompts, written atomically
   (temporary name, then rename), with tensors
 
@@ -36,8 +38,11 @@ from klcore.rollout import position_ids
 from klcore.toy.tasks import Problem
 
 FORMAT = "divergence-rl/rehearsal"
-VERSION = 1
+VERSION = 2  # 2: adds model_fingerprint
 MANIFEST = "manifest.json"
+#: keys every manifest of this version holds (besides ``format`` and ``version``)
+MANIFEST_KEYS = ("samples", "extra_sample", "responses_per_prompt", "temperature", "max_new_tokens", "chunk_size",
+                 "seed", "rule", "vocab_size", "pad_token_id", "model_fingerprint", "prompts")
 SHARD_KEYS = ("correct", "prompt_index", "prompt_ids", "prompt_mask", "response_ids", "response_mask", "ref_log_prob")
 
 
@@ -122,7 +127,8 @@ def shard_path(root: Path, chunk: int) -> Path:
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
-    """The store's manifest; ``DataError`` if the folder or file is missing, corrupt or of another version."""
+    """The store's manifest; ``DataError`` if the folder or file is missing, corrupt, of another version,
+    lacks one of ``MANIFEST_KEYS`` or holds an invalid selection rule."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise DataError(f"no rehearsal store at {Path(root)} (missing {MANIFEST}); run `klcore run dph-presample "
@@ -136,6 +142,15 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     if manifest.get("version") != VERSION:
         raise DataError(f"{path} has format version {manifest.get('version')!r}; this divergence-rl reads "
                         f"version {VERSION}: pre-sample again with this version")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise DataError(f"{path} lacks the keys {missing} (a version-{VERSION} manifest holds {list(MANIFEST_KEYS)}); "
+                        "the store is incomplete or was edited: pre-sample again into a new folder")
+    try:
+        SelectionRule(**manifest["rule"])
+    except (TypeError, ConfigError) as exc:
+        raise DataError(f"{path} holds an invalid selection rule {manifest['rule']!r} ({exc}); expected a table "
+                        "with min_correct, first_correct, extra_sample: fix it or pre-sample again") from exc
     return manifest
 
 

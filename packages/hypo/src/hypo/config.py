@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from hypo.losses import OBJECTIVES, check_options
 from klcore.errors import ConfigError
 from klcore.trainer.config import TrainerConfig
 
@@ -49,11 +51,23 @@ class HyPOConfig(TrainerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(_number(self.beta) and self.beta > 0, f"beta must be a positive number, got {self.beta!r}")
-        _check(_number(self.kl_coef) and self.kl_coef >= 0, f"kl_coef (lambda) must be >= 0, got {self.kl_coef!r}")
         _check(
-            _number(self.label_smoothing) and 0 <= self.label_smoothing <= 0.5,
-            f"label_smoothing must be in [0, 0.5], got {self.label_smoothing!r}",
+            self.loss in OBJECTIVES,
+            f"loss must name one of hypo's preference objectives ({', '.join(OBJECTIVES)}), got {self.loss!r}; "
+            "RL policy losses (e.g. 'vanilla') belong to GRPOTrainer",
+        )
+        _check(
+            not self.loss_options,
+            f"hypo's objectives take no loss_options (got {sorted(self.loss_options)}); set beta and "
+            "label_smoothing on the config instead",
+        )
+        _check(
+            _number(self.beta) and math.isfinite(self.beta) and self.beta > 0,
+            f"beta must be a finite positive number, got {self.beta!r}",
+        )
+        _check(
+            _number(self.kl_coef) and math.isfinite(self.kl_coef) and self.kl_coef >= 0,
+            f"kl_coef (lambda) must be a finite number >= 0, got {self.kl_coef!r}",
         )
         _check(
             isinstance(self.group_size, int) and not isinstance(self.group_size, bool) and self.group_size >= 2,
@@ -72,6 +86,7 @@ class HyPOConfig(TrainerConfig):
             f"{self.mini_batches}) so the online samples stay on-policy; use micro_batch_size to accumulate",
         )
         _check(isinstance(self.ref_cache, str), f"ref_cache must be a path string, got {self.ref_cache!r}")
+        check_options(OBJECTIVES[self.loss], self.beta, self.label_smoothing)  # label_smoothing valid for this loss
 
 
 __all__ = ["HyPOConfig"]

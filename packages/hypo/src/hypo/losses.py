@@ -11,12 +11,19 @@ All inputs are ``[B]`` sequence log-probabilities (sums over completion tokens, 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from klcore.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
 
 KINDS = ("sigmoid", "hinge", "ipo", "robust")
+#: registry / ``HyPOConfig.loss`` name -> DPO loss kind (TRL's ``loss_type``)
+OBJECTIVES = {f"dpo-{kind}": kind for kind in KINDS}
+#: keywords of klcore's RL policy-loss call (``GRPOTrainer``); a preference objective never takes them
+POLICY_LOSS_KEYWORDS = ("agg", "counts", "norm_length")
 
 
 def _check_vector(x: object, name: str, shape: torch.Size | None) -> torch.Tensor:
@@ -34,14 +41,16 @@ def _check_vector(x: object, name: str, shape: torch.Size | None) -> torch.Tenso
     return x.float()
 
 
-def _check_options(kind: str, beta: float, label_smoothing: float) -> None:
+def check_options(kind: str, beta: float, label_smoothing: float) -> None:
+    """Raise ``ConfigError`` unless ``kind`` is in ``KINDS``, ``beta`` is finite and > 0 and
+    ``label_smoothing`` is valid for ``kind``."""
     if kind not in KINDS:
         raise ConfigError(f"unknown DPO loss kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
-        raise ConfigError(f"beta must be a positive number, got {beta!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta > 0):
+        raise ConfigError(f"beta must be a finite positive number, got {beta!r}")
     eps = label_smoothing
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise ConfigError(f"label_smoothing must be a number, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
+        raise ConfigError(f"label_smoothing must be a finite number, got {eps!r}")
     if kind in ("hinge", "ipo") and eps != 0:
         raise ConfigError(f"label_smoothing is not defined for the {kind!r} loss (got {eps}); leave it at 0")
     if kind == "robust" and not 0 <= eps < 0.5:
@@ -69,7 +78,7 @@ def dpo_loss(
     ``rewards/rejected`` (mean implicit rewards β(π - ref)), ``rewards/margin`` (their mean
     difference), ``rewards/accuracy`` (fraction of pairs with chosen reward > rejected reward).
     """
-    _check_options(kind, beta, label_smoothing)
+    check_options(kind, beta, label_smoothing)
     pc = _check_vector(policy_chosen_logps, "policy_chosen_logps", None)
     pr = _check_vector(policy_rejected_logps, "policy_rejected_logps", pc.shape)
     rc = _check_vector(ref_chosen_logps, "ref_chosen_logps", pc.shape)
@@ -103,6 +112,28 @@ def dpo_loss(
             "rewards/accuracy": float((chosen_rewards > rejected_rewards).float().mean()),
         }
     return losses, metrics
+
+
+def preference_objective(kind: str) -> Callable[..., tuple[torch.Tensor, dict[str, float]]]:
+    """``dpo_loss`` with ``kind`` fixed: the component filed as ``dpo-<kind>`` in klcore's ``loss`` registry.
+
+    Called with klcore's policy-loss keywords (``agg``, ``counts``, ``norm_length``), i.e. from
+    ``GRPOTrainer``, it raises ``ConfigError``: it is a preference objective for ``HyPOTrainer``.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"unknown DPO loss kind {kind!r}; choose one of {', '.join(KINDS)}")
+
+    def objective(*args: torch.Tensor, **options: object) -> tuple[torch.Tensor, dict[str, float]]:
+        policy_keys = [k for k in POLICY_LOSS_KEYWORDS if k in options]
+        if policy_keys:
+            raise ConfigError(
+                f"'dpo-{kind}' is a preference objective on (chosen, rejected) sequence log-probs for "
+                f"hypo.HyPOTrainer, not an RL policy loss (it was called with {', '.join(policy_keys)}); "
+                "use HyPOTrainer for it, or pick a policy loss (e.g. 'vanilla') for GRPOTrainer"
+            )
+        return dpo_loss(*args, kind=kind, **options)  # type: ignore[arg-type]
+
+    return objective
 
 
 __all__ = ["KINDS", "dpo_loss"]

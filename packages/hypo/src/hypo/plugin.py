@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-
-from hypo.losses import KINDS, dpo_loss
+from hypo.losses import OBJECTIVES, preference_objective
 from klcore.hookspecs import Component, hookimpl
-
-#: registry name -> DPO loss kind (TRL's ``loss_type``)
-OBJECTIVES = {f"dpo-{kind}": kind for kind in KINDS}
 
 
 @hookimpl
 def klcore_register_losses() -> list[Component]:
     return [
-        Component(name, functools.partial(dpo_loss, kind=kind), help=f"DPO-family loss {kind!r} (TRL loss_type)")
+        Component(name, preference_objective(kind), help=f"DPO-family loss {kind!r} (TRL loss_type), for HyPOTrainer")
         for name, kind in OBJECTIVES.items()
     ]
 

@@ -173,7 +173,7 @@ class HyPOTrainer(Trainer):
         losses, raw = self.loss_fn(
             seq[:b], seq[b:], batch["ref_chosen_logps"], batch["ref_rejected_logps"],
             beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-            chosen_lengths=lengths[:b], rejected_lengths=lengths[b:], **cfg.loss_options,
+            chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
         )
         share = counts.world_size / counts.sequences  # this micro-batch's share of the global mean over pairs
         dpo = losses.sum() * share
