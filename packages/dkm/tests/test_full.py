@@ -153,6 +153,8 @@ def test_full_objective_rejects_other_inputs_and_nan() -> None:
     bad[0, 0] = float("inf")
     with pytest.raises(NonFiniteError):
         dkm.FullDKM(bad)
+    with pytest.raises(DataError, match="NaN"):
+        objective.model.predict(x[:2], torch.full((5,), float("nan"), dtype=D), 0.1)
 
 
 def test_analytic_marginal_likelihood_gradient_matches_autograd() -> None:

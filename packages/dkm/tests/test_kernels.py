@@ -94,3 +94,11 @@ def test_unknown_kernel_and_bad_hyperparameters_raise() -> None:
         dkm.ReluKernel(sigma_w2=-1.0)
     with pytest.raises(ConfigError), dkm.jitter(-1.0):
         pass
+
+
+def test_arccos_kernel_rejects_mismatched_diagonals() -> None:
+    from klcore.errors import ShapeError
+
+    g = torch.eye(3, dtype=D)
+    with pytest.raises(ShapeError, match="diag_a"):
+        dkm.arccos_kernel(g, torch.ones(2, dtype=D), torch.ones(3, dtype=D))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dkm
+import numpy as np
 import pytest
 import torch
 
@@ -66,3 +67,17 @@ def test_safe_cholesky_retries_with_jitter_on_a_singular_matrix() -> None:
     assert torch.allclose(chol @ chol.T, singular, atol=1e-5)
     with pytest.raises(NotPSDError, match="layer 3"):
         dkm.safe_cholesky(singular - torch.eye(5, dtype=D), name="K_ii of layer 3")
+
+
+def test_kl_and_jitter_reject_wrong_types_with_klcore_errors() -> None:
+    from klcore.errors import ConfigError, DTypeError
+
+    eye = torch.eye(3, dtype=torch.long)
+    with pytest.raises(DTypeError, match="floating"):
+        dkm.gaussian_kl(eye, eye)
+    with pytest.raises(DTypeError):
+        dkm.gaussian_kl([[1.0]], [[1.0]])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="jitter"), dkm.jitter("small"):  # type: ignore[arg-type]
+        pass
+    with dkm.jitter(np.float32(1e-5)):
+        assert dkm.get_jitter() == pytest.approx(1e-5)

@@ -100,3 +100,15 @@ def test_one_and_four_micro_batches_give_the_same_update(tmp_path: Path, plugins
     # control: the reference's per-micro-batch selection changes the update (two epochs: KL-Cov acts on the second)
     local = _update(tmp_path, plugins, loss, 4, scope="micro-batch", **options)
     assert not torch.allclose(local, whole, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("loss", "options"),
+    [("clip_cov", {"ratio": 0.2, "cov_bounds": [-10.0, 10.0]}), ("kl_cov", {"ratio": 0.2, "beta": 1.0})],
+)
+def test_one_micro_batch_one_process_global_equals_reference_scope(
+    tmp_path: Path, plugins, loss: str, options: dict
+) -> None:
+    # with a single micro-batch on a single process the mini-batch is the micro-batch: the scopes coincide
+    whole = _update(tmp_path, plugins, loss, 0, **options)
+    torch.testing.assert_close(_update(tmp_path, plugins, loss, 0, scope="micro-batch", **options), whole)

@@ -74,3 +74,10 @@ def test_bad_data() -> None:
         extrapolate_entropy_law(np.linspace(1, 0, 10), np.linspace(0, 1, 10), fit_fraction=1.0)
     with pytest.raises(DataError, match="none to predict"):
         extrapolate_entropy_law([0.3, 0.2, 0.1], [0.1, 0.2, 0.3])
+
+
+def test_non_numeric_series_raise_data_error() -> None:
+    with pytest.raises(DataError, match="entropy must be a sequence of numbers"):
+        fit_entropy_law(["a", "b", "c"], [0.1, 0.2, 0.3])
+    with pytest.raises(DataError, match="performance must be a sequence of numbers"):
+        extrapolate_entropy_law([0.3, 0.2, 0.1, 0.05], [0.1, "high", 0.3, 0.4])

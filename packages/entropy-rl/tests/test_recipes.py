@@ -47,6 +47,14 @@ def test_entropy_law_recipe_bad_input(tmp_path: Path, plugins) -> None:
                    overrides=[f"metrics={tmp_path / 'run'}", "performance_key=eval/x"])
     with pytest.raises(ConfigError, match="fit_fraction"):
         run_recipe(plugins, "entropy-law", out=tmp_path / "d", overrides=["fit_fraction=1.5"])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": i, "entropy/mean": 1.0 - 0.1 * i, "reward/mean": None if i == 2 else 0.1 * i}) + "\n"
+                for i in range(5))
+    )
+    with pytest.raises(DataError, match=r"step 2.*reward/mean"):
+        run_recipe(plugins, "entropy-law", out=tmp_path / "e", overrides=[f"metrics={bad}"])
 
 
 @pytest.mark.slow

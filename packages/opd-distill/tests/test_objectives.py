@@ -15,7 +15,7 @@ from opd_distill import (
     opd_reward,
 )
 
-from klcore.errors import ConfigError, ShapeError, VocabMismatchError
+from klcore.errors import ConfigError, MaskError, ShapeError, VocabMismatchError
 
 
 def _probs(logits: torch.Tensor) -> torch.Tensor:
@@ -206,3 +206,41 @@ def test_vocab_mismatch_and_bad_inputs_raise(pair):
         divergence_loss(s, t, mask, weights=torch.tensor([1.0, -1.0, 1.0]))
     with pytest.raises(ConfigError, match="old_log_prob"):
         OBJECTIVES["opd_ppo"](s, t, tokens, mask)
+    for fn in (divergence_loss, hard_ce_loss):
+        with pytest.raises(MaskError, match="mask must be"):
+            fn(s, t, mask.tolist())
+
+
+def _grpo_trainer(tmp_path, name: str, **loss_options):
+    from opd_distill import plugin
+
+    from klcore.plugins import build_plugin_manager
+    from klcore.toy import AdditionTask, char_tokenizer, tiny_causal_lm, tiny_config
+    from klcore.trainer import GRPOConfig, GRPOTrainer
+
+    plugins = build_plugin_manager(plugins=[("opd_distill", plugin)], load_entrypoints=False)
+    cfg = GRPOConfig(
+        steps=1, prompts_per_step=2, group_size=2, progress=False, loss=name, loss_options=loss_options
+    )
+    model = tiny_causal_lm(tiny_config("tiny"), seed=0)
+    return GRPOTrainer(model, char_tokenizer(), AdditionTask(digits=1), cfg, run_dir=tmp_path / name, plugins=plugins)
+
+
+@pytest.mark.parametrize("name", ["opd_reinforce", "full_jsd"])
+def test_grpo_trainer_with_a_distillation_objective_raises_config_error(tmp_path, name):
+    # registered in klcore's "loss" registry, whose convention is the RL policy loss: a clear ConfigError
+    with pytest.raises(ConfigError, match="not an RL policy loss"):
+        _grpo_trainer(tmp_path, name).train()
+    with pytest.raises(ConfigError, match="not an RL policy loss"):
+        _grpo_trainer(tmp_path / "with-options", name, ratio=0.1).train()
+
+
+def test_policy_loss_convention_and_unknown_options_raise_config_error(pair):
+    s, t, mask = pair
+    tokens = torch.zeros(mask.shape, dtype=torch.long)
+    lp = torch.log_softmax(s, -1)[..., 0]
+    for name, fn in OBJECTIVES.items():
+        with pytest.raises(ConfigError, match=f"{name!r} is an opd-distill distillation objective"):
+            fn(lp, lp, torch.ones_like(lp), mask, agg="token-mean", counts=None, norm_length=5)
+        with pytest.raises(ConfigError, match="unknown options"):
+            fn(s, t, tokens, mask, old_log_prob=lp, ratio=0.1)

@@ -70,3 +70,14 @@ def test_bad_values_raise():
         PacedConfig(weighting="soft")
     with pytest.raises(DataError):
         paced_weight(torch.tensor([1.5]))
+
+
+def test_non_numeric_inputs_raise_data_error():
+    with pytest.raises(DataError, match="pass rates"):
+        paced_weight("half")
+    with pytest.raises(DataError, match="pass rates"):
+        hard_filter_weight([0.5, None])
+    with pytest.raises(DataError, match="correct"):
+        estimate_pass_rates([[1, 0], [1]])
+    with pytest.raises(DataError, match="correct"):
+        estimate_pass_rates([["yes", "no"]])

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_unet
@@ -138,3 +139,23 @@ def test_router_training_keeps_experts_frozen(tmp_path):
         if n in experts_before:
             assert torch.equal(p, experts_before[n])
     assert any(not torch.equal(a, b) for a, b in zip(gates_before, trainer.moe.router_parameters(), strict=True))
+
+
+def test_records_with_different_image_sizes_raise_shape_error(tmp_path):
+    from PIL import Image
+
+    path = make_toy_dataset(tmp_path / "data", n=2, size=8, styles=["stripes", "invert"], seed=0)
+    records = load_records(path)
+    rec = records[1]
+    for file in [rec.source, rec.target, *rec.masks.values()]:
+        with Image.open(file) as img:
+            resized = img.resize((10, 10))
+        resized.save(file)
+    with pytest.raises(ShapeError, match="size="):
+        build_tensors(records, WordTokenizer().encode, ["stripes", "invert"])
+    data = build_tensors(records, WordTokenizer().encode, ["stripes", "invert"], size=8)
+    assert data.sources.shape == (2, 3, 8, 8) and data.masks.shape == (2, 1, 8, 8)
+    # the resized mask is the nearest-neighbour resize of the stored 10x10 mask
+    with Image.open(next(iter(rec.masks.values()))) as img:
+        expected = torch.from_numpy(np.asarray(img.convert("L").resize((8, 8), Image.NEAREST), dtype=np.float32) / 255)
+    torch.testing.assert_close(data.masks[1, 0], expected)

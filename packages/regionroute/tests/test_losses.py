@@ -132,3 +132,14 @@ def test_region_loss_rejects_bad_inputs():
         region_attention_loss([torch.rand(1, 16, 1)], masks, torch.tensor([[-1]]))
     with pytest.raises(ConfigError):
         focus_loss(torch.rand(3), torch.ones(3), tau=0.0)
+
+
+def test_region_loss_rejects_non_finite_maps():
+    from klcore.errors import NonFiniteError
+
+    masks = torch.zeros(1, 1, 4, 4)
+    masks[..., 0, 0] = 1
+    amap = torch.rand(1, 16, 1)
+    amap[0, 3, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="NaN"):
+        region_attention_loss([amap], masks, torch.tensor([[0]]))

@@ -84,6 +84,11 @@ def test_alexnet_lpips_loads_user_weights(tmp_path):
     torch.testing.assert_close(lp.weights[2].data, lins["lin2.model.1.weight"].flatten())
     with pytest.raises(CheckpointError):
         alexnet_lpips(tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match="lacks"):  # the two files swapped
+        alexnet_lpips(tmp_path / "alex.pth", tmp_path / "alexnet.pth")
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="readable"):
+        alexnet_lpips(lin_path=tmp_path / "junk.pth")
 
 
 def tiny_clip():

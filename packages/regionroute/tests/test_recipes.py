@@ -42,3 +42,18 @@ def test_recipe_configs_are_validated(tmp_path):
         run_recipe(build_plugin_manager(), "regionroute-toy", out=tmp_path, overrides=["image_size=7"])
     with pytest.raises(ConfigError):
         run_recipe(build_plugin_manager(), "regionroute-toy", out=tmp_path, overrides=["train.layout=unet"])
+
+
+def test_eval_recipe_bad_records_raise_data_error(tmp_path):
+    from klcore.errors import DataError
+
+    run_recipe(build_plugin_manager(), "regionroute-eval", out=tmp_path, overrides=["demo_examples=1"])
+    records = json.loads((tmp_path / "demo" / "eval_records.json").read_text())
+    missing = tmp_path / "demo" / "missing.json"
+    missing.write_text(json.dumps([dict(records[0], edited="img/nope.png")]))
+    with pytest.raises(DataError, match=r"nope\.png"):
+        run_recipe(build_plugin_manager(), "regionroute-eval", out=tmp_path / "m", overrides=[f"records={missing}"])
+    broken = tmp_path / "demo" / "broken.json"
+    broken.write_text("[{")
+    with pytest.raises(DataError, match="JSON"):
+        run_recipe(build_plugin_manager(), "regionroute-eval", out=tmp_path / "b", overrides=[f"records={broken}"])

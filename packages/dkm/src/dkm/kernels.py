@@ -13,7 +13,7 @@ from torch import nn
 
 from dkm.gram import GramBlocks
 from dkm.linalg import get_jitter
-from klcore.errors import ConfigError
+from klcore.errors import ConfigError, ShapeError
 
 
 def arccos_kernel(gram: torch.Tensor, diag_a: torch.Tensor, diag_b: torch.Tensor) -> torch.Tensor:
@@ -23,6 +23,11 @@ def arccos_kernel(gram: torch.Tensor, diag_a: torch.Tensor, diag_b: torch.Tensor
     leading shape without the last dim, ``diag_b`` ``[B]``. Equals 2 E[relu(u) relu(v)] for (u, v)
     Gaussian with covariance [[g_a, G_ab], [G_ab, g_b]], so K_aa = g_a (He scaling).
     """
+    if diag_a.shape != gram.shape[:-1] or diag_b.shape != gram.shape[-1:]:
+        raise ShapeError(
+            f"arccos_kernel: gram {tuple(gram.shape)} needs diag_a of shape {tuple(gram.shape[:-1])} and diag_b of "
+            f"shape {tuple(gram.shape[-1:])}, got {tuple(diag_a.shape)} and {tuple(diag_b.shape)}"
+        )
     norm = torch.sqrt((diag_a[..., None] * diag_b).clamp_min(torch.finfo(gram.dtype).tiny))
     margin = 1e-12 if gram.dtype == torch.float64 else 1e-6  # keeps arccos' derivative finite at cos = +-1
     cos = (gram / norm).clamp(-1.0 + margin, 1.0 - margin)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dkm.linalg import safe_cholesky
-from klcore.errors import ShapeError
+from klcore.errors import DTypeError, ShapeError
 
 
 def kl_from_cholesky(chol_g: torch.Tensor, chol_k: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
@@ -31,6 +31,13 @@ def gaussian_kl(G: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     ``G``, ``K``: symmetric positive definite ``[P, P]``; returns a scalar in their dtype. Raises
     NotPSDError (after jitter retries) if either is not positive definite.
     """
+    if not (isinstance(G, torch.Tensor) and isinstance(K, torch.Tensor)) or not (
+        G.is_floating_point() and K.is_floating_point()
+    ):
+        raise DTypeError(
+            f"G and K must be floating-point torch tensors (float64 recommended), got "
+            f"{getattr(G, 'dtype', type(G).__name__)} and {getattr(K, 'dtype', type(K).__name__)}; convert with .double()"
+        )
     if G.shape != K.shape:
         raise ShapeError(f"G and K must have the same [P, P] shape, got {tuple(G.shape)} and {tuple(K.shape)}")
     return kl_from_cholesky(safe_cholesky(G, name="G"), safe_cholesky(K, name="K"))

@@ -20,10 +20,14 @@ def get_jitter() -> float:
 @contextlib.contextmanager
 def jitter(value: float) -> Iterator[None]:
     """Use kernel jitter ``value`` (default 1e-6) inside the ``with`` block; 0 switches it off."""
-    if not value >= 0.0:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not number >= 0.0:
         raise ConfigError(f"jitter must be a number >= 0, got {value!r}; pass for example 1e-6")
     old = _KERNEL_JITTER[0]
-    _KERNEL_JITTER[0] = float(value)
+    _KERNEL_JITTER[0] = number
     try:
         yield
     finally:

@@ -111,6 +111,8 @@ class FullDKM(nn.Module):
         y = train_y[:, None] if train_y.ndim == 1 else train_y
         if y.shape[0] != k.ii.shape[0]:
             raise DataError(f"train_y has {y.shape[0]} rows, the model holds {k.ii.shape[0]} training points")
+        if not torch.isfinite(y).all():
+            raise DataError("train_y holds NaN or infinite values; drop or impute them first")
         eye = torch.eye(k.ii.shape[0], dtype=k.ii.dtype, device=k.ii.device)
         chol = safe_cholesky(k.ii + noise * eye, name="K(G_L) + noise I")
         mean = k.ti @ torch.cholesky_solve(y.to(k.ii.dtype), chol)

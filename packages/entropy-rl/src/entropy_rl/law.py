@@ -54,9 +54,15 @@ class EntropyLawExtrapolation:
     final_error: float
 
 
+def _floats(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{name} must be a sequence of numbers (one per step), got {values!r:.80}: {exc}") from exc
+
+
 def _series(entropy: Sequence[float] | np.ndarray, performance: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    h = np.asarray(entropy, dtype=np.float64).reshape(-1)
-    r = np.asarray(performance, dtype=np.float64).reshape(-1)
+    h, r = _floats(entropy, "entropy"), _floats(performance, "performance")
     if h.shape != r.shape:
         raise DataError(f"entropy has {h.size} points but performance has {r.size}; pass one value of each per step")
     if h.size < MIN_POINTS:

@@ -38,7 +38,7 @@ def run(config: EntropyLawConfig, run_dir: Path) -> dict[str, Any]:
         raise ConfigError("pass the run to fit: klcore run entropy-law --set metrics=RUN_DIR_OR_METRICS_JSONL")
     rows = read_metrics(config.metrics)
     keys = (config.entropy_key, config.performance_key)
-    pairs = [(float(r[keys[0]]), float(r[keys[1]])) for r in rows if keys[0] in r and keys[1] in r]
+    pairs = [(_number(r, keys[0], i), _number(r, keys[1], i)) for i, r in enumerate(rows) if keys[0] in r and keys[1] in r]
     if not pairs:
         raise DataError(f"no step of {config.metrics} holds both {keys[0]!r} and {keys[1]!r}")
     entropy, performance = (np.array(v) for v in zip(*pairs))
@@ -62,6 +62,13 @@ def run(config: EntropyLawConfig, run_dir: Path) -> dict[str, Any]:
     summary["plot"] = str(run_dir / "law.png")
     (run_dir / "report.md").write_text(_report(summary))
     return summary
+
+
+def _number(row: dict[str, Any], key: str, index: int) -> float:
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"metrics row {index} (step {row.get('step', '?')}) has {key!r} = {value!r}; expected a number")
+    return float(value)
 
 
 def _report(s: dict[str, Any]) -> str:

@@ -19,12 +19,14 @@ Every loss takes optional per-row ``weights`` ``[B]`` (PACED problem weights, se
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 
 import torch
 
 from klcore import divergences
-from klcore.errors import ConfigError, DTypeError, ShapeError, VocabMismatchError
+from klcore.errors import ConfigError, DTypeError, MaskError, ShapeError, VocabMismatchError
 from klcore.logprobs import token_logprobs
 from klcore.losses import check_policy_inputs, ppo_clip_loss
 from klcore.reduce import GlobalCounts, aggregate
@@ -201,6 +203,8 @@ def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ma
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ShapeError(f"{name} must be a [B, T, V] tensor, got {getattr(t, 'shape', type(t).__name__)}")
     check_vocab(student_logits.shape[-1], teacher_logits.shape[-1])
+    if not isinstance(mask, torch.Tensor):
+        raise MaskError(f"mask must be a [B, T] bool or 0/1 tensor, got {type(mask).__name__}")
     if student_logits.shape != teacher_logits.shape:
         raise ShapeError(
             f"student_logits has shape {tuple(student_logits.shape)} but teacher_logits has "
@@ -345,17 +349,50 @@ def _hard_ce(
     )
 
 
+def _guarded(name: str, fn: Objective) -> Objective:
+    """``fn`` behind a check of the calling convention: these objectives live in klcore's ``loss`` registry,
+    whose documented convention is the RL policy loss ``fn(old_log_prob, log_prob, advantages, mask, ...)``;
+    called that way (e.g. by ``GRPOTrainer`` with ``config.loss = name``) they raise ``ConfigError``."""
+    accepted = frozenset(
+        p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    )
+
+    @functools.wraps(fn)
+    def objective(student_logits, teacher_logits, tokens, mask, **options):
+        if not isinstance(student_logits, torch.Tensor) or student_logits.dim() != 3:
+            raise ConfigError(
+                f"{name!r} is an opd-distill distillation objective: it takes (student_logits [B, T, V], "
+                f"teacher_logits [B, T, V], tokens [B, T], mask [B, T]) from DistillTrainer / EnvDistillTrainer, "
+                f"but its first argument is {getattr(student_logits, 'shape', type(student_logits).__name__)}. "
+                "It is not an RL policy loss fn(old_log_prob, log_prob, advantages, mask): do not set it as "
+                f"GRPOTrainer's config.loss; use DistillConfig(loss={name!r}) (or EnvDistillConfig) instead"
+            )
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise ConfigError(
+                f"{name!r} got unknown options {unknown}; it takes {sorted(accepted)} "
+                f"(loss_options may hold {list(OPTIONS)})"
+            )
+        return fn(student_logits, teacher_logits, tokens, mask, **options)
+
+    return objective
+
+
 #: name -> ``fn(student_logits [B,T,V], teacher_logits [B,T,V], tokens [B,T], mask [B,T], *, old_log_prob,
 #: weights, agg, counts, norm_length, chunk_size, checkpoint, beta, clip_low, clip_high) -> (loss, metrics)``; the options
 #: an objective does not use (``beta`` is JSD's, ``clip_*`` PPO's) are ignored, so one ``loss_options`` table
-#: serves both stages of a schedule.
+#: serves both stages of a schedule. Called with the RL policy-loss convention (2-D log-probs first, as
+#: ``GRPOTrainer`` does) or with unknown options, an objective raises ``ConfigError``.
 OBJECTIVES: dict[str, Objective] = {
-    "opd_reinforce": _opd_reinforce,
-    "opd_ppo": _opd_ppo,
-    "full_reverse_kl": _divergence("reverse_kl"),
-    "full_forward_kl": _divergence("forward_kl"),
-    "full_jsd": _divergence("jsd"),
-    "hard_ce": _hard_ce,
+    name: _guarded(name, fn)
+    for name, fn in {
+        "opd_reinforce": _opd_reinforce,
+        "opd_ppo": _opd_ppo,
+        "full_reverse_kl": _divergence("reverse_kl"),
+        "full_forward_kl": _divergence("forward_kl"),
+        "full_jsd": _divergence("jsd"),
+        "hard_ce": _hard_ce,
+    }.items()
 }
 
 __all__ = [

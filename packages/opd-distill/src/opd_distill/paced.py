@@ -24,8 +24,15 @@ def _exponent(value: float, name: str) -> float:
     return float(value)
 
 
+def _numbers(values: object, name: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(values, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DataError(f"{name} must be numbers (a tensor, float or list of floats), got {values!r:.80}: {exc}") from exc
+
+
 def _pass_rates(p: torch.Tensor | float) -> torch.Tensor:
-    t = torch.as_tensor(p, dtype=torch.float32)
+    t = _numbers(p, "pass rates")
     if not bool(torch.isfinite(t).all()) or bool(((t < 0) | (t > 1)).any()):
         raise DataError(f"pass rates must be finite and in [0, 1], got {p!r}; p = correct / K")
     return t
@@ -54,10 +61,9 @@ def normalize_weights(w: torch.Tensor) -> torch.Tensor:
 
 def estimate_pass_rates(correct: torch.Tensor) -> torch.Tensor:
     """``[P, K]`` verifier outcomes (0/1) of K rollouts per problem -> ``[P]`` pass rates correct / K."""
-    c = torch.as_tensor(correct)
+    c = _numbers(correct, "correct (verifier outcomes)")
     if c.dim() != 2 or c.shape[1] < 1:
         raise ShapeError(f"correct must be [problems, K] with K >= 1 rollouts, got shape {tuple(c.shape)}")
-    c = c.float()
     if not bool(((c == 0) | (c == 1)).all()):
         raise DataError("correct must hold verifier outcomes 0 or 1")
     return c.mean(1)

@@ -110,16 +110,31 @@ def read_image(path: Path, size: int | None = None) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
-def read_mask(path: Path, shape: tuple[int, int]) -> torch.Tensor:
-    """Grey mask ``[H, W]`` in [0, 1]; its size must equal the image's ``shape``."""
+def read_mask(path: Path, shape: tuple[int, int], size: int | None = None) -> torch.Tensor:
+    """Grey mask ``[H, W]`` in [0, 1]; its size must equal the image's ``shape`` (before any resize).
+
+    With ``size`` it is resized (nearest, like :func:`read_image`'s resize of its image) to ``size x size``."""
     from PIL import Image
 
-    m = np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0
-    if m.shape != tuple(shape):
-        raise ShapeError(f"mask {path} is {m.shape[0]}x{m.shape[1]} but its image is {shape[0]}x{shape[1]}; resize the mask")
+    img = Image.open(path).convert("L")
+    if (img.size[1], img.size[0]) != tuple(shape):
+        raise ShapeError(
+            f"mask {path} is {img.size[1]}x{img.size[0]} but its image is {shape[0]}x{shape[1]}; resize the mask"
+        )
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.NEAREST)
+    m = np.asarray(img, dtype=np.float32) / 255.0
     if m.max() == 0:
         raise DataError(f"mask {path} is empty (all zero)")
     return torch.from_numpy(m)
+
+
+def _image_shape(path: Path) -> tuple[int, int]:
+    """``(H, W)`` of an image file as stored (read from its header)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.size[1], img.size[0]
 
 
 @dataclass
@@ -143,14 +158,21 @@ def build_tensors(
     """Read images and masks, find each object's style tokens; a record's expert is its first object's style."""
     if not records:
         raise DataError("no records: the dataset is empty")
-    srcs, tgts, masks, toks, objs, experts = [], [], [], [], [], []
+    srcs: list[torch.Tensor] = []
+    tgts, masks, toks, objs, experts = [], [], [], [], []
     for rec in records:
         src = read_image(rec.source, size)
+        if srcs and src.shape != srcs[0].shape:
+            raise ShapeError(
+                f"{rec.source} is {tuple(src.shape)} but {records[0].source} is {tuple(srcs[0].shape)}; "
+                "pass size= to resize every image to one square size"
+            )
         srcs.append(src)
         tgts.append(read_image(rec.target, size))
         if tgts[-1].shape != src.shape:
             raise ShapeError(f"{rec.target} is {tuple(tgts[-1].shape)} but {rec.source} is {tuple(src.shape)}")
-        masks.append(torch.stack([read_mask(rec.masks[o], tuple(src.shape[1:])) for o in rec.objects]))
+        shape = _image_shape(rec.source)
+        masks.append(torch.stack([read_mask(rec.masks[o], shape, size) for o in rec.objects]))
         idx, obj = [], []
         for o_i, style in enumerate(rec.objects.values()):
             if style not in styles:

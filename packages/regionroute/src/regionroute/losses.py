@@ -73,6 +73,8 @@ def _check_inputs(maps: Sequence[torch.Tensor], masks: torch.Tensor, token_objec
     if (token_objects >= masks.shape[1]).any():
         raise ShapeError(f"token_objects name object {int(token_objects.max())} but masks have {masks.shape[1]} objects")
     for m in maps:
+        if not torch.isfinite(m).all():
+            raise NonFiniteError("attention maps hold NaN or inf; check the model's precision (use float32 capture)")
         if m.dim() != 3 or m.shape[0] != masks.shape[0] or m.shape[2] != token_objects.shape[1]:
             raise ShapeError(
                 f"each map must be [B={masks.shape[0]}, N, S={token_objects.shape[1]}], got {tuple(m.shape)}"

@@ -142,25 +142,30 @@ def alexnet_lpips(features_path: str | Path | None = None, lin_path: str | Path 
     model = LPIPS(stages, [64, 192, 384, 256, 256])
     torchvision_index = [0, 3, 6, 8, 10]
     if features_path is not None:
-        state = _load(features_path)
+        state = _load(features_path, [f"features.{i}.{p}" for i in torchvision_index for p in ("weight", "bias")])
         for conv, idx in zip(layers, torchvision_index, strict=True):
             conv.weight.data.copy_(state[f"features.{idx}.weight"])
             conv.bias.data.copy_(state[f"features.{idx}.bias"])
     if lin_path is not None:
-        state = _load(lin_path)
+        state = _load(lin_path, [f"lin{k}.model.1.weight" for k in range(len(model.weights))])
         for k, w in enumerate(model.weights):
             w.data.copy_(state[f"lin{k}.model.1.weight"].flatten())
     return model.eval()
 
 
-def _load(path: str | Path) -> dict[str, torch.Tensor]:
+def _load(path: str | Path, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A ``weights_only`` state dict holding every name in ``keys`` (else CheckpointError)."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"weights file {p} does not exist")
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except KeyError as exc:
-        raise CheckpointError(f"{p} lacks {exc}; pass torchvision's alexnet or lpips' alex.pth") from exc
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{p} is not a readable torch state dict ({exc}); pass torchvision's alexnet or lpips' alex.pth") from exc
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{p} lacks {missing[:3]}{'...' if len(missing) > 3 else ''}; pass torchvision's alexnet or lpips' alex.pth")
+    return state
 
 
 def background_lpips(pred: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, lpips: LPIPS) -> torch.Tensor:

@@ -85,7 +85,10 @@ def run(config: EvalConfig, run_dir: Path) -> dict[str, Any]:
     path = _demo_records(config, run_dir) if demo else Path(config.records)
     if not path.is_file():
         raise DataError(f"records file {path} does not exist")
-    records = json.loads(path.read_text())
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(records, list) or not records:
         raise DataError(f"{path} must hold a non-empty JSON list")
     if config.clip:
@@ -98,9 +101,12 @@ def run(config: EvalConfig, run_dir: Path) -> dict[str, Any]:
     lpips = alexnet_lpips(config.lpips_features or None, config.lpips_lin or None)
     rows = []
     for i, rec in enumerate(records):
-        missing = [k for k in ("edited", "source", "mask", "style") if k not in rec]
+        missing = [k for k in ("edited", "source", "mask", "style") if not isinstance(rec, dict) or k not in rec]
         if missing:
             raise DataError(f"record {i} of {path} lacks {missing}")
+        absent = [str(path.parent / rec[k]) for k in ("edited", "source", "mask") if not (path.parent / rec[k]).is_file()]
+        if absent:
+            raise DataError(f"record {i} of {path}: files {absent} do not exist (paths are relative to the records file)")
         edited, source = read_image(path.parent / rec["edited"])[None], read_image(path.parent / rec["source"])[None]
         mask = read_mask(path.parent / rec["mask"], tuple(source.shape[2:]))[None, None]
         row = background_metrics(edited, source, mask, lpips=lpips)

@@ -8,6 +8,15 @@ import torch
 from verl.trainer.ppo.core_algos import register_policy_loss
 
 from entropy_rl.losses import clip_cov_loss, kl_cov_loss
+from klcore.errors import ConfigError
+
+
+def _refuse_is_weights(weights: torch.Tensor | None) -> None:
+    if weights is not None:
+        raise ConfigError(
+            "entropy_rl's verl losses do not apply rollout importance-sampling weights (rollout_is_weights); "
+            "turn rollout importance sampling off or use verl's own clip_cov / kl_cov"
+        )
 
 
 def _get(config: Any, name: str, default: float) -> float:
@@ -21,6 +30,7 @@ def verl_clip_cov(
     loss_agg_mode: str = "token-mean", config: Any = None, rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """verl's policy-loss signature around :func:`entropy_rl.clip_cov_loss` (scope micro-batch)."""
+    _refuse_is_weights(rollout_is_weights)
     pl = getattr(config, "policy_loss", None)
     clip = _get(config, "clip_ratio", 0.2)
     loss, metrics = clip_cov_loss(
@@ -37,6 +47,7 @@ def verl_kl_cov(
     loss_agg_mode: str = "token-mean", config: Any = None, rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """verl's policy-loss signature around :func:`entropy_rl.kl_cov_loss` (scope micro-batch)."""
+    _refuse_is_weights(rollout_is_weights)
     pl = getattr(config, "policy_loss", None)
     loss, metrics = kl_cov_loss(
         old_log_prob, log_prob, advantages, response_mask, agg=loss_agg_mode, scope="micro-batch",
