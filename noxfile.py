@@ -58,11 +58,18 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
 
 
+#: Packages whose sources mypy does not pass yet (pre-existing typing errors, listed in docs/architecture.md).
+NOT_TYPECHECKED = {"packages/regionroute"}
+
+
 @nox.session(tags=["test"])
 def typecheck(session: nox.Session) -> None:
-    """mypy on klcore (and on packages that ship py.typed)."""
-    _install(session, "mypy", f"{CORE}[lm]")
-    session.run("mypy", f"{CORE}/src/klcore")
+    """mypy on klcore and on every package (each ships py.typed) not in NOT_TYPECHECKED."""
+    checked = [p for p in PACKAGES if p not in NOT_TYPECHECKED]
+    _install(session, "mypy", f"{CORE}[lm]", *[p for p in checked if p != CORE])
+    sources = [str(next(d for d in (ROOT / p / "src").iterdir() if (d / "__init__.py").exists()).relative_to(ROOT))
+               for p in checked]
+    session.run("mypy", *sources)
 
 
 @nox.session(tags=["test"])

@@ -290,7 +290,8 @@ class BarrierEngine:
         h.update(self.tokens.cpu().numpy().tobytes())
         h.update(self.config.kl_direction.encode())
         config = getattr(self.model, "config", None)
-        h.update((config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else "").encode())
+        to_json = getattr(config, "to_json_string", None)
+        h.update((to_json(use_diff=False) if to_json is not None else "").encode())
         sums = []
         for name, t in self.model.state_dict().items():
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
