@@ -6,6 +6,7 @@ diagonals: K_aa <- K_aa (1 + eps) + eps. Hyperparameters are learned through the
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -46,16 +47,16 @@ def _log_param(value: float, name: str, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.tensor(math.log(value), dtype=dtype))
 
 
-class GramKernel(nn.Module):
+class GramKernel(nn.Module, abc.ABC):
     """Base class: ``forward(G: GramBlocks) -> K: GramBlocks`` with jitter on the diagonals."""
 
+    @abc.abstractmethod
     def cross(self, gram: torch.Tensor, diag_a: torch.Tensor, diag_b: torch.Tensor) -> torch.Tensor:
         """K for an ``[A, B]`` block from its Gram block and the two diagonals."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def diagonal(self, diag: torch.Tensor) -> torch.Tensor:
         """K_aa from g_a."""
-        raise NotImplementedError
 
     def forward(self, gram: GramBlocks) -> GramBlocks:
         eps = get_jitter()

@@ -45,7 +45,6 @@ class HyPOConfig(TrainerConfig):
     max_new_tokens: int = 0
     ref_batch_size: int = 64
     ref_cache: str = ""
-    eval_every: int = 0
     eval_samples: int = 4
     disable_dropout: bool = True
 

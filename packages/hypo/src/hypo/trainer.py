@@ -129,8 +129,6 @@ class HyPOTrainer(Trainer):
         metrics: Metrics = {}
         if cfg.kl_coef > 0:
             metrics.update(self._collect_online(self.pairs.prompts(index), batch, gen))
-        if self.eval_prompts and (step == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
-            metrics.update(self.evaluate())
         return batch, metrics
 
     def _collect_online(self, prompts: list[list[int]], batch: Batch, gen: torch.Generator) -> Metrics:
@@ -193,15 +191,11 @@ class HyPOTrainer(Trainer):
 
     # --- validation -------------------------------------------------------------------------------
 
-    def update(self, batch: Batch) -> Metrics:
-        metrics = super().update(batch)
-        if self.eval_prompts and self.step == self.config.steps - 1:  # the final evaluation sees the last update
-            metrics.update({f"{k}_final": v for k, v in self.evaluate().items()})
-        return metrics
-
     @torch.no_grad()
     def evaluate(self) -> Metrics:
         """Sequence reverse KL to the reference, length and (with ``reward_fn``) reward on the eval prompts."""
+        if not self.eval_prompts:
+            return {}
         cfg, tok = self.config, self.tokenizer
         gen = torch.Generator().manual_seed(cfg.seed + 99)
         roll = sample(

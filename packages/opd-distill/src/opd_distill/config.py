@@ -62,7 +62,6 @@ class DistillConfig(TrainerConfig):
     teacher_rollout_steps: int = 0
     chunk_size: int = 0
     recompute: bool = False
-    eval_every: int = 0
     eval_problems: int = 128
     disable_dropout: bool = True
     paced: PacedConfig = field(default_factory=PacedConfig)

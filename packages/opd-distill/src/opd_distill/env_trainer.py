@@ -94,30 +94,22 @@ class EnvDistillTrainer(DistillLoop):
             metrics = self.state_metrics(logits, batch["teacher_logits"], batch["response_mask"])
         metrics["success/mean"] = float(eps.success.mean())
         metrics["episode/length_mean"] = float(eps.mask.sum(1).float().mean())
-        if step == 0 or (cfg.eval_every and step % cfg.eval_every == 0):
-            metrics["eval/success"] = self.evaluate()
         return batch, metrics
-
-    def update(self, batch: Batch) -> Metrics:
-        metrics = super().update(batch)
-        if self.step == self.config.steps - 1:  # the final evaluation sees the last update
-            metrics["eval/success_final"] = self.evaluate()
-        return metrics
 
     def student_logits(self, batch: Batch) -> torch.Tensor:
         n, t = batch["tokens"].shape
         logits = self.model(batch["image"].flatten(0, 1), batch["instruction"].repeat_interleave(t))
         return logits.view(n, t, -1)
 
-    def evaluate(self) -> float:
-        """Success rate of the sampled student on the held-out task seeds."""
+    def evaluate(self) -> Metrics:
+        """``eval/success``: success rate of the sampled student on the held-out task seeds."""
         student, device = self.unwrapped_model, self.accelerator.device
-        return success_rate(
+        return {"eval/success": success_rate(
             lambda im, ins: student(im.to(device), ins.to(device)).cpu(),
             self.make_env,
             self.eval_seeds,
             seed=self.config.seed + 99,
-        )
+        )}
 
 
 __all__ = ["EVAL_SEED_START", "EnvDistillTrainer"]

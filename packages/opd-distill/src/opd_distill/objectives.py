@@ -20,7 +20,6 @@ Every loss takes optional per-row ``weights`` ``[B]`` (PACED problem weights, se
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
 
 import torch
@@ -221,141 +220,49 @@ def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ma
 Objective = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def _sampled(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
+#: Keywords the trainers pass to every objective (each objective forwards the ones it uses).
+_CALL_KEYWORDS = ("old_log_prob", "weights", "agg", "counts", "norm_length", "chunk_size", "checkpoint")
+_AGG = ("weights", "agg", "counts", "norm_length")
+
+
+def _sampled(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and (detached) teacher log-probs ``[B, T]`` of the sampled tokens."""
     _check_logits(student_logits, teacher_logits, mask)
     safe = torch.where(mask.bool(), tokens, torch.zeros_like(tokens))
     return token_logprobs(student_logits, safe), token_logprobs(teacher_logits.detach(), safe)
 
 
-def _opd_reinforce(
-    student_logits,
-    teacher_logits,
-    tokens,
-    mask,
-    *,
-    old_log_prob=None,
-    weights=None,
-    agg="token-mean",
-    counts=None,
-    norm_length=None,
-    chunk_size=None,
-    checkpoint=False,
-    beta=0.5,
-    clip_low=0.2,
-    clip_high=0.2,
-):
-    log_prob, teacher_lp = _sampled(student_logits, teacher_logits, tokens, mask)
-    return opd_reinforce_loss(
-        log_prob, teacher_lp, mask, weights=weights, agg=agg, counts=counts, norm_length=norm_length
-    )
+def _opd_reinforce(student_logits, teacher_logits, tokens, mask, **kw):
+    return opd_reinforce_loss(*_sampled(student_logits, teacher_logits, tokens, mask), mask, **kw)
 
 
-def _opd_ppo(
-    student_logits,
-    teacher_logits,
-    tokens,
-    mask,
-    *,
-    old_log_prob=None,
-    weights=None,
-    agg="token-mean",
-    counts=None,
-    norm_length=None,
-    chunk_size=None,
-    checkpoint=False,
-    clip_low=0.2,
-    clip_high=0.2,
-    beta=0.5,
-):
+def _opd_ppo(student_logits, teacher_logits, tokens, mask, *, old_log_prob=None, **kw):
     if old_log_prob is None:
         raise ConfigError("opd_ppo needs old_log_prob (the student's log-probs at rollout time)")
-    log_prob, teacher_lp = _sampled(student_logits, teacher_logits, tokens, mask)
-    return opd_ppo_loss(
-        old_log_prob,
-        log_prob,
-        teacher_lp,
-        mask,
-        weights=weights,
-        clip_low=clip_low,
-        clip_high=clip_high,
-        agg=agg,
-        counts=counts,
-        norm_length=norm_length,
-    )
+    return opd_ppo_loss(old_log_prob, *_sampled(student_logits, teacher_logits, tokens, mask), mask, **kw)
 
 
 def _divergence(kind: str) -> Objective:
-    def fn(
-        student_logits,
-        teacher_logits,
-        tokens,
-        mask,
-        *,
-        old_log_prob=None,
-        weights=None,
-        agg="token-mean",
-        counts=None,
-        norm_length=None,
-        chunk_size=None,
-        checkpoint=False,
-        beta=0.5,
-        clip_low=0.2,
-        clip_high=0.2,
-    ):
-        return divergence_loss(
-            student_logits,
-            teacher_logits,
-            mask,
-            kind=kind,
-            beta=beta,
-            weights=weights,
-            agg=agg,
-            counts=counts,
-            norm_length=norm_length,
-            chunk_size=chunk_size,
-            checkpoint=checkpoint,
-        )
+    def fn(student_logits, teacher_logits, tokens, mask, **kw):
+        return divergence_loss(student_logits, teacher_logits, mask, kind=kind, **kw)
 
     return fn
 
 
-def _hard_ce(
-    student_logits,
-    teacher_logits,
-    tokens,
-    mask,
-    *,
-    old_log_prob=None,
-    weights=None,
-    agg="token-mean",
-    counts=None,
-    norm_length=None,
-    chunk_size=None,
-    checkpoint=False,
-    beta=0.5,
-    clip_low=0.2,
-    clip_high=0.2,
-):
-    return hard_ce_loss(
-        student_logits,
-        teacher_logits,
-        mask,
-        weights=weights,
-        agg=agg,
-        counts=counts,
-        norm_length=norm_length,
-        chunk_size=chunk_size,
-        checkpoint=checkpoint,
-    )
+def _hard_ce(student_logits, teacher_logits, tokens, mask, **kw):
+    return hard_ce_loss(student_logits, teacher_logits, mask, **kw)
 
 
-def _guarded(name: str, fn: Objective) -> Objective:
-    """``fn`` behind a check of the calling convention: these objectives live in klcore's ``loss`` registry,
-    whose documented convention is the RL policy loss ``fn(old_log_prob, log_prob, advantages, mask, ...)``;
-    called that way (e.g. by ``GRPOTrainer`` with ``config.loss = name``) they raise ``ConfigError``."""
-    accepted = frozenset(
-        p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
-    )
+def _objective(name: str, fn: Objective, uses: tuple[str, ...]) -> Objective:
+    """``fn`` with the one calling convention of :data:`OBJECTIVES`: it receives only the keywords in ``uses``.
+
+    These objectives live in klcore's ``loss`` registry, whose documented convention is the RL policy loss
+    ``fn(old_log_prob, log_prob, advantages, mask, ...)``; called that way (e.g. by ``GRPOTrainer`` with
+    ``config.loss = name``) or with unknown options they raise ``ConfigError``.
+    """
+    accepted = frozenset(_CALL_KEYWORDS + OPTIONS)
 
     @functools.wraps(fn)
     def objective(student_logits, teacher_logits, tokens, mask, **options):
@@ -373,10 +280,12 @@ def _guarded(name: str, fn: Objective) -> Objective:
                 f"{name!r} got unknown options {unknown}; it takes {sorted(accepted)} "
                 f"(loss_options may hold {list(OPTIONS)})"
             )
-        return fn(student_logits, teacher_logits, tokens, mask, **options)
+        return fn(student_logits, teacher_logits, tokens, mask, **{k: v for k, v in options.items() if k in uses})
 
     return objective
 
+
+_FULL = (*_AGG, "chunk_size", "checkpoint")
 
 #: name -> ``fn(student_logits [B,T,V], teacher_logits [B,T,V], tokens [B,T], mask [B,T], *, old_log_prob,
 #: weights, agg, counts, norm_length, chunk_size, checkpoint, beta, clip_low, clip_high) -> (loss, metrics)``; the options
@@ -384,15 +293,12 @@ def _guarded(name: str, fn: Objective) -> Objective:
 #: serves both stages of a schedule. Called with the RL policy-loss convention (2-D log-probs first, as
 #: ``GRPOTrainer`` does) or with unknown options, an objective raises ``ConfigError``.
 OBJECTIVES: dict[str, Objective] = {
-    name: _guarded(name, fn)
-    for name, fn in {
-        "opd_reinforce": _opd_reinforce,
-        "opd_ppo": _opd_ppo,
-        "full_reverse_kl": _divergence("reverse_kl"),
-        "full_forward_kl": _divergence("forward_kl"),
-        "full_jsd": _divergence("jsd"),
-        "hard_ce": _hard_ce,
-    }.items()
+    "opd_reinforce": _objective("opd_reinforce", _opd_reinforce, _AGG),
+    "opd_ppo": _objective("opd_ppo", _opd_ppo, ("old_log_prob", *_AGG, "clip_low", "clip_high")),
+    "full_reverse_kl": _objective("full_reverse_kl", _divergence("reverse_kl"), (*_FULL, "beta")),
+    "full_forward_kl": _objective("full_forward_kl", _divergence("forward_kl"), (*_FULL, "beta")),
+    "full_jsd": _objective("full_jsd", _divergence("jsd"), (*_FULL, "beta")),
+    "hard_ce": _objective("hard_ce", _hard_ce, _FULL),
 }
 
 __all__ = [

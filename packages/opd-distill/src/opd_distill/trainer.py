@@ -163,15 +163,7 @@ class DistillTrainer(DistillLoop):
         )
         if cfg.paced.weighting != "none":
             metrics["paced/batch_pass_rate"] = float(self.pass_rates[idx].mean())
-        if self.eval_tasks and (step == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
-            metrics.update(self.evaluate())
         return batch, metrics
-
-    def update(self, batch: Batch) -> Metrics:
-        metrics = super().update(batch)
-        if self.eval_tasks and self.step == self.config.steps - 1:  # the final evaluation sees the last update
-            metrics.update({f"{k}_final": v for k, v in self.evaluate().items()})
-        return metrics
 
     def student_logits(self, batch: Batch) -> torch.Tensor:
         return response_logits(self.model, batch)

@@ -122,6 +122,11 @@ class Trainer(abc.ABC):
         """
         return {}
 
+    def evaluate(self) -> Metrics:
+        """Held-out metrics (``eval/*``), run before step 0, every ``config.eval_every`` steps and after the
+        last update (logged with a ``_final`` suffix). Default: none."""
+        return {}
+
     # --- the loop ------------------------------------------------------------------------------
 
     @property
@@ -146,8 +151,12 @@ class Trainer(abc.ABC):
             set_seed(step_seed(cfg.seed, step), device_specific=True)
             self.plugins.hook.klcore_step_start(trainer=self, step=step)
             batch, metrics = self.collect(step)
+            if step == 0 or (cfg.eval_every and step % cfg.eval_every == 0):
+                metrics.update(self.evaluate())
             self.plugins.hook.klcore_batch_ready(trainer=self, step=step, batch=batch)
             metrics.update(self.update(batch))
+            if step == cfg.steps - 1:  # the final evaluation sees the last update
+                metrics.update({f"{k}_final": v for k, v in self.evaluate().items()})
             for extra in self.plugins.hook.klcore_step_end(trainer=self, step=step, batch=batch, metrics=dict(metrics)):
                 _merge(metrics, extra or {}, "klcore_step_end")
             metrics = self.reduce_metrics(metrics)

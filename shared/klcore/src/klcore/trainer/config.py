@@ -34,7 +34,8 @@ class TrainerConfig:
     steps, each split into micro-batches of ``micro_batch_size`` rows per process (0: one forward
     per mini-batch). Loss denominators are global over ranks and micro-batches (``agg``).
     ``checkpoint_every = 0`` checkpoints only at the end; ``resume`` continues from the run
-    folder's latest checkpoint when there is one.
+    folder's latest checkpoint when there is one. ``Trainer.evaluate`` runs before step 0, every
+    ``eval_every`` steps (0: never in between) and after the last update.
     """
 
     steps: int = 50
@@ -54,6 +55,7 @@ class TrainerConfig:
     regularisers: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     checkpoint_every: int = 0
+    eval_every: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
     log_with: list[str] = field(default_factory=list)
@@ -61,7 +63,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "lr", "max_grad_norm", "ppo_epochs", "mini_batches", "keep_checkpoints")
-        _non_negative(self, "seed", "weight_decay", "warmup_steps", "micro_batch_size", "norm_length", "checkpoint_every")
+        _non_negative(self, "seed", "weight_decay", "warmup_steps", "micro_batch_size", "norm_length", "checkpoint_every", "eval_every")
         if self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
         if self.agg not in MODES:
@@ -93,14 +95,13 @@ class GRPOConfig(TrainerConfig):
     advantage: str = "grpo"
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
-    eval_every: int = 0
     eval_problems: int = 128
     disable_dropout: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive(self, "prompts_per_step", "group_size", "temperature", "top_p", "eval_problems")
-        _non_negative(self, "max_new_tokens", "kl_coef", "eval_every")
+        _non_negative(self, "max_new_tokens", "kl_coef")
         if self.top_p > 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.advantage not in ESTIMATORS:

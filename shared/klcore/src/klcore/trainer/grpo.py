@@ -132,15 +132,7 @@ class GRPOTrainer(Trainer):
                 (kl_estimate(roll.logprobs, batch["old_log_prob"], "k3", mask=mask) * valid).sum() / valid.sum()
             ),
         }
-        if self.eval_tasks and (step == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
-            metrics.update(self.evaluate())
         return batch, metrics
-
-    def update(self, batch: Batch) -> Metrics:
-        metrics = super().update(batch)
-        if self.eval_tasks and self.step == self.config.steps - 1:  # the final evaluation sees the last update
-            metrics.update({f"{k}_final": v for k, v in self.evaluate().items()})
-        return metrics
 
     def prepare_minibatch(self, mini: Batch, micro: int) -> Batch:
         """For a policy loss with a ``prepare`` attribute: its per-row tensors for this mini-batch.
