@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from klcore.errors import ConfigError, DataError
-from klcore.rollout import _top_p_filter, left_pad, sample
+from klcore.rollout import _top_p_filter, is_sharded, left_pad, sample
 from klcore.trainer.grpo import policy_forward
 
 
@@ -107,3 +107,11 @@ def test_inverse_cdf_draws_follow_the_distribution() -> None:
     freq = torch.bincount(tok, minlength=5).float() / tok.numel()
     assert freq[0] == 0 and freq[2] == 0  # zero-probability tokens are never drawn
     torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)
+
+
+def test_unsharded_model_and_synced_flag_on_one_process(tiny_model) -> None:
+    assert not is_sharded(tiny_model)
+    kw = dict(group_size=2, max_new_tokens=5, eos_token_id=2, pad_token_id=0)
+    a = sample(tiny_model, PROMPTS, generator=torch.Generator().manual_seed(4), **kw)
+    b = sample(tiny_model, PROMPTS, generator=torch.Generator().manual_seed(4), synced=True, **kw)
+    assert torch.equal(a.input_ids, b.input_ids)  # without a process group there is nobody to wait for

@@ -155,8 +155,9 @@ class FluxAttentionCapture:
             enc_v = enc_v.unflatten(-1, (-1, attn.head_dim))
             query, key, value = torch.cat([enc_q, query], 1), torch.cat([enc_k, key], 1), torch.cat([enc_v, value], 1)
         if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            # diffusers annotates freqs_cis as tuple[Tensor] although it takes the (cos, sin) pair
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type]
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type]
 
         if self.store.armed:
             self._record(query, key, encoder_hidden_states, attention_mask)
@@ -252,6 +253,12 @@ def _remember_text_len(module: nn.Module, args: tuple[Any, ...], kwargs: dict[st
     module._regionroute_store.text_len = None if enc is None else enc.shape[1]  # type: ignore[union-attr]
 
 
+def _processors(model: nn.Module) -> dict[str, Any]:
+    """A copy of ``model.attn_processors`` (a property of diffusers' attention models)."""
+    processors: Any = model.attn_processors
+    return dict(processors)
+
+
 def register_attention_capture(
     model: nn.Module, store: AttentionStore, *, layers: Sequence[str] | str | None = None
 ) -> list[str]:
@@ -266,7 +273,7 @@ def register_attention_capture(
         raise UnsupportedModelError(
             f"attention capture supports FluxTransformer2DModel and UNet2DConditionModel, got {kind}"
         )
-    procs = dict(model.attn_processors)  # type: ignore[union-attr]
+    procs = _processors(model)
     if kind == "FluxTransformer2DModel":
         chosen = _selected([n for n in procs], layers)
         for name in chosen:
@@ -291,7 +298,7 @@ def register_attention_capture(
 
 def remove_attention_capture(model: nn.Module) -> None:
     """Put back the default processors (Flux) or the wrapped ones (UNet)."""
-    procs = dict(model.attn_processors)  # type: ignore[union-attr]
+    procs = _processors(model)
     for name, proc in procs.items():
         if isinstance(proc, FluxAttentionCapture):
             from diffusers.models.transformers.transformer_flux import FluxAttnProcessor

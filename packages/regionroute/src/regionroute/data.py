@@ -106,7 +106,7 @@ def read_image(path: Path, size: int | None = None) -> torch.Tensor:
 
     img = Image.open(path).convert("RGB")
     if size is not None and img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 

@@ -102,6 +102,9 @@ class LPIPS(nn.Module):
     Inputs are in [0, 1]; they are mapped to [-1, 1] and through LPIPS's fixed scaling layer.
     """
 
+    _shift: torch.Tensor  # buffers registered in __init__
+    _scale: torch.Tensor
+
     shift = (-0.030, -0.088, -0.188)
     scale = (0.458, 0.448, 0.450)
 
@@ -144,6 +147,7 @@ def alexnet_lpips(features_path: str | Path | None = None, lin_path: str | Path 
     if features_path is not None:
         state = _load(features_path, [f"features.{i}.{p}" for i in torchvision_index for p in ("weight", "bias")])
         for conv, idx in zip(layers, torchvision_index, strict=True):
+            assert conv.bias is not None  # the convolutions are built with bias=True
             conv.weight.data.copy_(state[f"features.{idx}.weight"])
             conv.bias.data.copy_(state[f"features.{idx}.bias"])
     if lin_path is not None:

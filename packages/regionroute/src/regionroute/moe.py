@@ -20,20 +20,27 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
 
 from klcore.errors import CheckpointError, ConfigError, ShapeError, UnsupportedModelError
 
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: peft's ``init_lora_weights`` values accepted here (``False``: random B, for tests)
+LoraInit = bool | Literal["gaussian", "eva", "olora", "pissa", "loftq"]
 _PREFIX = {"FluxTransformer2DModel": "transformer", "UNet2DConditionModel": "unet"}
 
 
 def style_lora_config(
-    rank: int = 4, alpha: float | None = None, target_modules: Sequence[str] = DEFAULT_TARGETS, init: str | bool = "gaussian"
-) -> Any:
+    rank: int = 4, alpha: int | None = None, target_modules: Sequence[str] = DEFAULT_TARGETS,
+    init: LoraInit = "gaussian",
+) -> LoraConfig:
     """The reference's ``LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=...)``."""
     from peft import LoraConfig
 
@@ -44,7 +51,7 @@ def style_lora_config(
     )
 
 
-def add_style_experts(model: nn.Module, styles: Sequence[str], config: Any = None) -> None:
+def add_style_experts(model: nn.Module, styles: Sequence[str], config: LoraConfig | None = None) -> None:
     """Add one LoRA adapter per style (diffusers ``add_adapter``); base frozen, every expert trainable."""
     if not styles or len(set(styles)) != len(styles):
         raise ConfigError(f"styles must be distinct, non-empty names, got {list(styles)}")
@@ -57,7 +64,7 @@ def add_style_experts(model: nn.Module, styles: Sequence[str], config: Any = Non
             param.requires_grad_(True)
 
 
-def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     """``(name, layer)`` of every peft LoRA layer of ``model``."""
     from peft.tuners.lora import LoraLayer
 
@@ -100,12 +107,17 @@ class LoraMoE(nn.Module):
             raise ConfigError(f"experts {missing} are not adapters of the model; it has {list(self.layers[0][1].lora_A)}")
         self.gates = nn.ModuleDict()
         if router:
-            for i, (_, layer) in enumerate(self.layers):
-                self.gates[str(i)] = _Gate(len(self.experts), layer.base_layer.out_features)
+            for i, (name, layer) in enumerate(self.layers):
+                if layer.out_features is None:
+                    raise UnsupportedModelError(f"LoRA layer {name} has no out_features; the router needs Linear")
+                self.gates[str(i)] = _Gate(len(self.experts), layer.out_features)
         self._mode: str | None = None
         self._index: torch.Tensor | None = None
         self.last_gates: list[torch.Tensor] = []
-        self._handles = [layer.register_forward_hook(self._hook(i)) for i, (_, layer) in enumerate(self.layers)]
+        # peft's LoRA layers are modules (LoraLayer is a mixin of e.g. lora.Linear(nn.Module, LoraLayer))
+        self._handles = [
+            cast(nn.Module, layer).register_forward_hook(self._hook(i)) for i, (_, layer) in enumerate(self.layers)
+        ]
 
     def route(self, expert_index: torch.Tensor) -> None:
         """Hard routing: sample ``b`` uses expert ``experts[expert_index[b]]`` (``[B]`` long)."""
@@ -194,7 +206,8 @@ def save_expert(model: nn.Module, style: str, directory: str | Path) -> Path:
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=style))
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
-    meta = model.peft_config[style].to_dict()  # type: ignore[index]
+    configs: Any = model.peft_config  # set by peft's add_adapter / load_lora_adapter
+    meta = configs[style].to_dict()
     if kind == "FluxTransformer2DModel":
         FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=state, transformer_lora_adapter_metadata=meta)
     else:

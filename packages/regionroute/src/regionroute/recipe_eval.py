@@ -108,7 +108,7 @@ def run(config: EvalConfig, run_dir: Path) -> dict[str, Any]:
         if absent:
             raise DataError(f"record {i} of {path}: files {absent} do not exist (paths are relative to the records file)")
         edited, source = read_image(path.parent / rec["edited"])[None], read_image(path.parent / rec["source"])[None]
-        mask = read_mask(path.parent / rec["mask"], tuple(source.shape[2:]))[None, None]
+        mask = read_mask(path.parent / rec["mask"], (int(source.shape[2]), int(source.shape[3])))[None, None]
         row = background_metrics(edited, source, mask, lpips=lpips)
         row["rsm"] = float(regional_style_matching(edited, mask, [rec["style"]], clip, tokenizer, padding=config.crop_padding)[0])
         rows.append({"index": i, **row})

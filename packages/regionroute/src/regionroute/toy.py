@@ -124,7 +124,7 @@ def make_toy_dataset(out_dir: str | Path, *, n: int, size: int, styles: Sequence
 def tiny_flux(*, channels: int = 12, heads: int = 4, head_dim: int = 16, dual: int = 2, single: int = 2,
               text_dim: int = 32, seed: int = 0) -> nn.Module:
     """A small ``FluxTransformer2DModel`` with random weights (``axes_dims_rope`` sums to ``head_dim``)."""
-    from diffusers import FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 
     torch.manual_seed(seed)
     axes = [head_dim // 4, head_dim // 4, head_dim - 2 * (head_dim // 4)]

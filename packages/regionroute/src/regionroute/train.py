@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,7 @@ class RegionRouteConfig:
     chunk_size: int = 512
     union_batch_tokens: bool = False
     reference_context_ids: bool = False
+    guidance: float = 1.0
     sample_every: int = 0
     train_router: bool = False
     balance_weight: float = 0.01
@@ -75,6 +77,8 @@ class RegionRouteConfig:
             raise ConfigError("need lambda_focus, lambda_cover, sample_every >= 0 and tau, alpha > 0")
         if self.chunk_size < 1:
             raise ConfigError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if not self.guidance > 0:
+            raise ConfigError(f"guidance must be > 0, got {self.guidance}")
         if self.balance_weight < 0 or self.router_temperature <= 0:
             raise ConfigError("need balance_weight >= 0 and router_temperature > 0")
 
@@ -83,17 +87,30 @@ class RegionRouteConfig:
         return self.lambda_focus > 0 or self.lambda_cover > 0
 
 
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """Flux packing: ``[B, C, h, w]`` -> ``[B, (h/2)(w/2), 4 C]`` (2x2 patches, channel ``4 c + 2 dy + dx``, row-major)."""
+    if latents.dim() != 4 or latents.shape[-1] % 2 or latents.shape[-2] % 2:
+        raise ShapeError(f"latents must be [B, C, h, w] with even h, w, got {tuple(latents.shape)}")
+    return F.pixel_unshuffle(latents, 2).flatten(2).transpose(1, 2)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents`: ``[B, N, 4 C]`` -> ``[B, C, height, width]``."""
+    if tokens.dim() != 3 or tokens.shape[1] != (height // 2) * (width // 2) or height % 2 or width % 2:
+        raise ShapeError(f"tokens {tuple(tokens.shape)} do not fit an even {height}x{width} grid")
+    return F.pixel_shuffle(tokens.transpose(1, 2).unflatten(2, (height // 2, width // 2)), 2)
+
+
 def pack_images(images: torch.Tensor) -> torch.Tensor:
     """Pixel "latents" for the toy: ``[B, 3, H, W]`` in [0, 1] -> ``[B, (H/2)(W/2), 12]`` in [-1, 1] (2x2 patches)."""
     if images.shape[-1] % 2 or images.shape[-2] % 2:
         raise ShapeError(f"image sides must be even, got {tuple(images.shape[-2:])}")
-    return F.pixel_unshuffle(images * 2 - 1, 2).flatten(2).transpose(1, 2)
+    return pack_latents(images * 2 - 1)
 
 
 def unpack_images(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Inverse of :func:`pack_images`: ``[B, N, 12]`` -> ``[B, 3, H, W]`` in [0, 1] (clamped)."""
-    grid = tokens.transpose(1, 2).unflatten(2, (height // 2, width // 2))
-    return ((F.pixel_shuffle(grid, 2) + 1) / 2).clamp(0, 1)
+    return ((unpack_latents(tokens, height, width) + 1) / 2).clamp(0, 1)
 
 
 def image_ids(height: int, width: int, index: float) -> torch.Tensor:
@@ -174,7 +191,7 @@ class RegionRouteTrainer(Trainer):
             raise ConfigError("no trainable parameter: add style experts (add_style_experts) before training")
         optimizer = torch.optim.AdamW(params, lr=config.trainer.lr, weight_decay=config.trainer.weight_decay)
         if config.layout == "unet":
-            from diffusers import DDPMScheduler
+            from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
             self.scheduler_ddpm = DDPMScheduler(num_train_timesteps=1000, prediction_type=config.prediction)
         super().__init__(model, config.trainer, run_dir=run_dir, optimizer=optimizer)
@@ -223,8 +240,11 @@ class RegionRouteTrainer(Trainer):
         noise = torch.randn_like(x0)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         self.store.target_tokens = x0.shape[1]
+        # guidance-distilled transformers (FLUX.1-Kontext-dev) embed a guidance scale: the paper trains at 1
+        embeds = getattr(getattr(self.unwrapped_model, "config", None), "guidance_embeds", False)
+        guidance = torch.full_like(t, self.cfg.guidance) if embeds else None
         pred = flux_velocity(self.model, xt, ctx, batch["text"], batch["pooled"], t, self.image_size,
-                             reference_context_ids=self.cfg.reference_context_ids)
+                             reference_context_ids=self.cfg.reference_context_ids, guidance=guidance)
         return pred, noise - x0
 
     def _unet_forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +253,8 @@ class RegionRouteTrainer(Trainer):
         t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
         noisy = sched.add_noise(x0, noise, t)
-        if self.unwrapped_model.config.in_channels == 2 * x0.shape[1]:
+        unet_config: Any = self.unwrapped_model.config  # diffusers' FrozenDict config
+        if unet_config.in_channels == 2 * x0.shape[1]:
             noisy = torch.cat([noisy, ctx], 1)
         pred = self.model(noisy, t, encoder_hidden_states=batch["text"]).sample
         target = noise if self.cfg.prediction == "epsilon" else sched.get_velocity(x0, noise, t)
@@ -242,9 +263,13 @@ class RegionRouteTrainer(Trainer):
 
 def flux_velocity(
     model: nn.Module, xt: torch.Tensor, context: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, t: torch.Tensor,
-    image_size: tuple[int, int], *, reference_context_ids: bool = False,
+    image_size: tuple[int, int], *, reference_context_ids: bool = False, guidance: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The transformer's prediction on ``[text | x_t | context]`` for the target tokens ``[B, N, C]``."""
+    """The transformer's prediction on ``[text | x_t | context]`` for the target tokens ``[B, N, C]``.
+
+    ``image_size`` is the unpacked grid ``(h, w)`` (tokens ``(h/2)(w/2)``); ``guidance [B]`` is the embedded
+    guidance of guidance-distilled transformers (``guidance_embeds=True``, e.g. FLUX.1-Kontext-dev).
+    """
     h, w = image_size[0] // 2, image_size[1] // 2
     if xt.shape[1] != h * w or context.shape != xt.shape:
         raise ShapeError(f"target/context tokens {tuple(xt.shape)}/{tuple(context.shape)} do not fit a {h}x{w} grid")
@@ -252,6 +277,7 @@ def flux_velocity(
     out = model(
         hidden_states=torch.cat([xt, context], 1), encoder_hidden_states=text, pooled_projections=pooled,
         timestep=t, img_ids=ids, txt_ids=torch.zeros(text.shape[1], 3, device=xt.device), return_dict=False,
+        **({} if guidance is None else {"guidance": guidance}),
     )[0]
     return out[:, : xt.shape[1]]
 
@@ -266,6 +292,8 @@ __all__ = [
     "image_ids",
     "load_cache",
     "pack_images",
+    "pack_latents",
     "save_cache",
     "unpack_images",
+    "unpack_latents",
 ]

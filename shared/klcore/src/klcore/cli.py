@@ -58,6 +58,15 @@ def _plugins_report() -> str:
     return "\n".join(lines)
 
 
+def _close_process_group() -> None:
+    """A run under ``torch.distributed.run`` / ``accelerate launch`` ends by tearing down its process group
+    (trainers leave it up: a recipe may run several)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -69,9 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{name:<20} {entry.component.help}  [{entry.owner}]")
         else:
             plugins = build_plugin_manager()
-            summary = run_recipe(
-                plugins, args.recipe, out=args.out, config_file=args.config, overrides=args.overrides
-            )
+            try:
+                summary = run_recipe(
+                    plugins, args.recipe, out=args.out, config_file=args.config, overrides=args.overrides
+                )
+            finally:
+                _close_process_group()
             print(json.dumps(summary, indent=2))
     except KlcoreError as exc:
         print(f"klcore: error: {exc}", file=sys.stderr)

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from klcore.errors import ConfigError, DataError, ShapeError, UnsupportedModelError
 
@@ -124,12 +126,17 @@ def sample(
     top_p: float = 1.0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    synced: bool | None = None,
 ) -> Rollout:
     """Sample ``group_size`` completions for every prompt (token-id lists) with the KV cache.
 
     Sampling draws from softmax(logits / temperature) restricted to the top-p nucleus; ``greedy``
     takes the argmax instead. Generation of a row stops at its first ``eos_token_id``; the loop ends
     when every row has stopped or after ``max_new_tokens``. ``generator`` makes draws reproducible.
+    ``synced``: the loop ends only when every process's rows have stopped (one all-reduce per token),
+    which sharded models need (each forward gathers parameters collectively); default: on when the
+    model's parameters are sharded over processes (FSDP2, DeepSpeed ZeRO-3). Rows that stopped early
+    get padding outside ``response_mask``, so the result is the same as unsynced up to that padding.
     """
     if not isinstance(group_size, int) or group_size < 1:
         raise ConfigError(f"group_size must be a positive int, got {group_size!r}")
@@ -140,6 +147,7 @@ def sample(
     if not 0.0 < float(top_p) <= 1.0:
         raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
     device = next(model.parameters()).device
+    synced = is_sharded(model) if synced is None else synced
     ids, attn = left_pad([list(p) for p in prompts for _ in range(group_size)], pad_token_id)
     ids, attn = ids.to(device), attn.to(device)
     n, prompt_len = ids.shape
@@ -170,7 +178,7 @@ def sample(
             logps.append(torch.where(done, torch.zeros_like(logp[:, 0]), logp.gather(-1, tok[:, None]).squeeze(-1)))
             alive.append(~done)
             done = done | (tok == eos_token_id)
-            if bool(done.all()):
+            if _all_stopped(done, synced):
                 break
             attn = torch.cat([attn, (~done).long()[:, None]], dim=1)
             pos = pos + 1
@@ -196,6 +204,20 @@ def sample(
     )
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are sharded over processes (FSDP2 DTensors, DeepSpeed ZeRO-3)."""
+    first = next(model.parameters(), None)
+    return isinstance(first, DTensor) or hasattr(first, "ds_id")
+
+
+def _all_stopped(done: torch.Tensor, synced: bool) -> bool:
+    """Every row stopped, on this process or (``synced``) on every process."""
+    running = (~done).sum()
+    if synced and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(running)
+    return int(running) == 0
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from ``n`` samples of which ``c`` are correct: 1 - C(n - c, k) / C(n, k).
 
@@ -213,4 +235,4 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-__all__ = ["Rollout", "forward_accepts", "left_pad", "pass_at_k", "position_ids", "sample"]
+__all__ = ["Rollout", "forward_accepts", "is_sharded", "left_pad", "pass_at_k", "position_ids", "sample"]

@@ -32,9 +32,10 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType, gather_object, parse_flag_from_env, set_seed
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from klcore.config import to_dict
@@ -74,17 +75,14 @@ class Trainer(abc.ABC):
         self.config = config
         self.run_dir = Path(run_dir)
         if accelerator is None:
-            # accelerate keeps one process-wide state; a second run in this process (a test, a notebook,
-            # `nox -s demo` running several recipes) may ask for another precision. The process group
-            # (PartialState) is kept.
-            AcceleratorState._reset_state()
+            _fresh_accelerator_state()
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision,
             log_with=config.log_with or None,
             project_dir=str(self.run_dir),
             step_scheduler_with_optimizer=False,
         )
-        _check_engine(self.accelerator)
+        _check_engine(self.accelerator, config)
         set_seed(config.seed)
         self.plugins = plugins if plugins is not None else build_plugin_manager()
         for name, options in config.regularisers.items():
@@ -172,7 +170,8 @@ class Trainer(abc.ABC):
         if last_saved != self.step:
             self.save_checkpoint()
         self.plugins.hook.klcore_train_end(trainer=self, history=self.history)
-        acc.end_training()
+        for tracker in acc.trackers:  # not end_training(): the process group outlives one trainer
+            tracker.finish()
         return self.history
 
     def update(self, batch: Batch) -> Metrics:
@@ -208,6 +207,7 @@ class Trainer(abc.ABC):
         for i, start in enumerate(starts):
             part = {k: v[start : start + micro] for k, v in mini.items()}
             last = i == len(starts) - 1
+            acc.sync_gradients = last  # under DeepSpeed: the accumulation boundary, where the engine steps
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
                 with acc.autocast():
                     loss, metrics, outputs = self.compute_loss(part, counts)
@@ -229,6 +229,8 @@ class Trainer(abc.ABC):
         self.optimizer.step()
         self.scheduler.step()
         out = {**summed, **averaged}
+        if isinstance(grad_norm, DTensor):  # FSDP2: a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         out["optim/grad_norm"] = float(grad_norm) if grad_norm is not None else math.nan
         out["optim/lr"] = float(self.scheduler.get_last_lr()[0])
         return out
@@ -271,6 +273,7 @@ class Trainer(abc.ABC):
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         states = self.plugins.call_each("klcore_save_checkpoint", trainer=self, step=self.step)
+        acc.wait_for_everyone()  # every rank's files are in tmp before rank 0 renames it
         if acc.is_main_process:
             torch.save({k: v for k, v in states.items() if v is not None}, tmp / "klcore_plugins.pt")
             run_folder.atomic_write_text(tmp / "trainer_state.json", json.dumps({"step": self.step}) + "\n")
@@ -299,18 +302,69 @@ class Trainer(abc.ABC):
         return True
 
 
-def _check_engine(acc: Accelerator) -> None:
+#: Key under which the process group's own distributed type is remembered in accelerate's PartialState.
+_LAUNCH_TYPE = "klcore_launch_distributed_type"
+
+
+def _fresh_accelerator_state() -> None:
+    """Forget the previous run's accelerate state but keep the process group.
+
+    accelerate keeps one process-wide state; a second run in this process (a test, a notebook, a recipe
+    comparing methods) may ask for another precision. accelerate also writes the engine it chose back
+    into the process group's state (``PartialState.distributed_type = FSDP``) and enables FSDP only from
+    a device type (``MULTI_GPU``, ...), so the launch type is restored, or a second FSDP run would come up
+    without its FSDP plugin.
+    """
+    # the process group, created from the launcher's environment as Accelerator() would create it
+    shared = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))._shared_state
+    shared["distributed_type"] = shared.setdefault(_LAUNCH_TYPE, shared["distributed_type"])
+    AcceleratorState._reset_state()
+
+
+def _check_engine(acc: Accelerator, config: TrainerConfig) -> None:
     """The loop accumulates micro-batch gradients itself (loss shares are globally normalised)."""
-    if acc.distributed_type == DistributedType.DEEPSPEED:
-        raise ConfigError(
-            "klcore's trainer does not support DeepSpeed yet: DeepSpeed steps its optimiser inside backward on every "
-            "micro-batch, which breaks the loop's global loss normalisation; use DDP or FSDP through accelerate"
-        )
     if acc.gradient_accumulation_steps != 1:
         raise ConfigError(
             f"pass an Accelerator with gradient_accumulation_steps=1 (got {acc.gradient_accumulation_steps}); "
             "set the trainer's micro_batch_size instead: it accumulates with globally normalised shares"
         )
+    if acc.distributed_type == DistributedType.FSDP and acc.state.fsdp_plugin.fsdp_version != 2:
+        raise ConfigError(
+            "klcore's trainers need FSDP2 (fsdp_version: 2 in the accelerate config, or FSDP_VERSION=2): "
+            "rollouts and evaluation call the model's own modules token by token, which FSDP1's "
+            "flat-parameter wrapper does not allow"
+        )
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        _configure_deepspeed(acc, config)
+
+
+def _configure_deepspeed(acc: Accelerator, config: TrainerConfig) -> None:
+    """Fill the DeepSpeed config's ``auto`` entries the loop decides, and refuse those it cannot honour.
+
+    The loop marks the last micro-batch of an optimiser step with ``accelerator.sync_gradients``, which
+    accelerate passes to DeepSpeed as the accumulation boundary; DeepSpeed's own accumulation count must
+    stay 1 (it would rescale the already normalised loss shares). Clipping is DeepSpeed's, at
+    ``config.max_grad_norm``. ``train_micro_batch_size_per_gpu`` is bookkeeping for DeepSpeed (the loop
+    sizes micro-batches itself).
+    """
+    plugin = acc.state.deepspeed_plugin
+    ds = plugin.deepspeed_config
+    gas = ds.get("gradient_accumulation_steps", "auto")
+    if gas not in ("auto", 1):
+        raise ConfigError(
+            f"the DeepSpeed config sets gradient_accumulation_steps = {gas}; set it to 1 or 'auto' and use the "
+            "trainer's micro_batch_size: the loop accumulates micro-batches with globally normalised loss shares"
+        )
+    clip = ds.get("gradient_clipping", "auto")
+    if clip == "auto":
+        ds["gradient_clipping"] = config.max_grad_norm
+    elif float(clip) != config.max_grad_norm:
+        raise ConfigError(
+            f"the DeepSpeed config clips gradients at {clip} but the trainer's max_grad_norm is "
+            f"{config.max_grad_norm}; make them equal (or set gradient_clipping to 'auto')"
+        )
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = config.micro_batch_size or 1
 
 
 def _merge(into: dict[str, Any], extra: Mapping[str, Any], hook: str) -> None:
