@@ -26,8 +26,8 @@ if os.environ.get("PIP_FIND_LINKS") and not os.environ.get("UV_FIND_LINKS"):
     os.environ["UV_FIND_LINKS"] = ",".join(os.environ["PIP_FIND_LINKS"].split())  # uv: comma-separated
 
 
-def _install(session: nox.Session, *args: str) -> None:
-    session.install("-c", CONSTRAINTS, *args)
+def _install(session: nox.Session, *args: str, **kwargs: object) -> None:
+    session.install("-c", CONSTRAINTS, *args, **kwargs)
 
 
 def _short(path: str) -> str:

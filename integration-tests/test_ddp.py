@@ -22,7 +22,9 @@ TINY = ["--set", "model_size=tiny", "--set", "warmup_steps=150", "--set", "warmu
 
 def _run(out: Path, *extra: str) -> None:
     # accelerate runs several CPU processes only when told to (what `accelerate launch --cpu` sets)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # grpo-toy is built in: skipping entry points spares each process importing every installed package
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "KLCORE_DISABLE_PLUGIN_AUTOLOAD": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "klcore.cli", "run", "grpo-toy", "--out", str(out), *TINY, *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

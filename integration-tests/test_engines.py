@@ -35,7 +35,8 @@ SHARDED = {"fsdp2", "deepspeed3"}
 
 def _launch(engine: str, out: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "MASTER_", "WORLD_", "RANK"))}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    # the worker needs no plugin: skipping entry points spares each process importing every package
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", KLCORE_DISABLE_PLUGIN_AUTOLOAD="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "_engine_worker.py"), engine, str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
