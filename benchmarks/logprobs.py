@@ -20,7 +20,8 @@ Peak extra memory:
 - CUDA: ``torch.cuda.reset_peak_memory_stats()``; ``base = torch.cuda.memory_allocated()`` with the inputs
   alive; one call; ``torch.cuda.max_memory_allocated() - base``.
 - CPU: there is no allocator statistic, so every (method, V, dtype) runs in a fresh subprocess of this script
-  (with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB, so freed large buffers leave the resident set)
+  (with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB, so freed large buffers leave the resident set, and
+  MALLOC_TRIM_THRESHOLD_ at 256 MiB, so the heap is not returned and faulted in again after small frees)
   (hidden ``--worker`` flag). The child builds the inputs, warms the method up on 8 positions (thread pool,
   lazy imports), resets the kernel's peak-RSS mark (``/proc/self/clear_refs`` = 5, where permitted), reads
   its resident set size from ``/proc/self/statm``, calls the method once and reports peak RSS minus that.
@@ -256,8 +257,10 @@ def run_worker(method: str, vocab: int, dtype: str, args: argparse.Namespace) ->
     cmd += ["--threads", str(torch.get_num_threads())]
     # glibc raises its mmap threshold after large frees and then serves big buffers from the heap, whose
     # freed pages stay resident: peak RSS would count dead buffers. A fixed threshold returns every large
-    # buffer to the OS on free, for every method alike, so RSS tracks live memory.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    # buffer to the OS on free, for every method alike, so RSS tracks live memory. Fixing it also fixes
+    # the heap's trim threshold (128 KiB), which would hand the heap back to the OS after every small
+    # free and fault it in again (glibc's default raises that threshold too): keep the heap instead.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 28)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
