@@ -162,24 +162,19 @@ def test_records_with_different_image_sizes_raise_shape_error(tmp_path):
 
 
 def test_guidance_distilled_transformer_trains_with_embedded_guidance(tmp_path):
-    from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
     from regionroute.train import flux_velocity
 
     _, _, cache = world(tmp_path)
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(  # like FLUX.1-Kontext-dev: guidance_embeds=True
-        patch_size=1, in_channels=12, num_layers=1, num_single_layers=1, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[2, 2, 4],
-        guidance_embeds=True,
-    )
+    model = tiny_flux(heads=2, head_dim=8, dual=1, single=1, guidance_embeds=True)  # like FLUX.1-Kontext-dev
     add_style_experts(model, ["stripes", "invert"], style_lora_config())
     cfg = RegionRouteConfig(trainer=TrainerConfig(steps=1, lr=1e-3, progress=False), batch_size=2, guidance=1.0)
     trainer = RegionRouteTrainer(model, cache, ["stripes", "invert"], cfg, run_dir=tmp_path / "run", image_size=(8, 8))
+    assert trainer.guidance == 1.0  # read from the config because the transformer embeds guidance
     assert len(trainer.train()) == 1  # without the embedded guidance the transformer's forward fails
     batch = {k: v[:2] for k, v in cache.items()}
     preds = {}
     for scale in (1.0, 4.0):
-        trainer.cfg.guidance = scale
+        trainer.guidance = scale
         torch.manual_seed(3)
         preds[scale], _ = trainer._flux_forward(batch)
     assert not torch.allclose(preds[1.0], preds[4.0])  # the scale reaches the model
@@ -187,8 +182,9 @@ def test_guidance_distilled_transformer_trains_with_embedded_guidance(tmp_path):
     t = torch.rand(2)
     noise = torch.randn_like(batch["latents"])
     xt = (1 - t[:, None, None]) * batch["latents"] + t[:, None, None] * noise
-    expected = flux_velocity(model, xt, batch["context"], batch["text"], batch["pooled"], t, (8, 8),
-                             guidance=torch.full((2,), 4.0))
+    expected = flux_velocity(model, xt, batch["context"], batch["text"], batch["pooled"], t, (8, 8), guidance=4.0)
     torch.testing.assert_close(preds[4.0], expected)
+    _, plain = flux_trainer(tmp_path / "plain", cache, steps=1)
+    assert plain.guidance is None  # other transformers get no guidance input
     with pytest.raises(ConfigError, match="guidance"):
         RegionRouteConfig(guidance=0.0)

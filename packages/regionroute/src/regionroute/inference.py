@@ -71,9 +71,7 @@ def sample_edit(
     if noise is None:
         noise = torch.randn(context.shape, generator=generator, dtype=context.dtype)
     x = noise.to(device=context.device, dtype=context.dtype)
-    g = None
-    if guidance is not None and embeds_guidance:  # the pipeline also ignores guidance_scale for other models
-        g = torch.full((x.shape[0],), float(guidance), device=x.device)
+    g = guidance if embeds_guidance else None  # the pipeline also ignores guidance_scale for other models
     for t_now, t_next in itertools.pairwise(times):
         t = torch.full((x.shape[0],), t_now, device=x.device)
         v = flux_velocity(model, x, context, text, pooled, t, image_size, reference_context_ids=reference_context_ids,

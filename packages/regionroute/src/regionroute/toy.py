@@ -122,8 +122,9 @@ def make_toy_dataset(out_dir: str | Path, *, n: int, size: int, styles: Sequence
 
 
 def tiny_flux(*, channels: int = 12, heads: int = 4, head_dim: int = 16, dual: int = 2, single: int = 2,
-              text_dim: int = 32, seed: int = 0) -> nn.Module:
-    """A small ``FluxTransformer2DModel`` with random weights (``axes_dims_rope`` sums to ``head_dim``)."""
+              text_dim: int = 32, seed: int = 0, guidance_embeds: bool = False) -> nn.Module:
+    """A small ``FluxTransformer2DModel`` with random weights (``axes_dims_rope`` sums to ``head_dim``;
+    ``guidance_embeds=True`` as in the guidance-distilled FLUX.1-Kontext-dev)."""
     from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 
     torch.manual_seed(seed)
@@ -131,6 +132,7 @@ def tiny_flux(*, channels: int = 12, heads: int = 4, head_dim: int = 16, dual: i
     return FluxTransformer2DModel(
         patch_size=1, in_channels=channels, num_layers=dual, num_single_layers=single, attention_head_dim=head_dim,
         num_attention_heads=heads, joint_attention_dim=text_dim, pooled_projection_dim=text_dim, axes_dims_rope=axes,
+        guidance_embeds=guidance_embeds,
     )
 
 

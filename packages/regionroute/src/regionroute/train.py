@@ -190,6 +190,8 @@ class RegionRouteTrainer(Trainer):
         if not params:
             raise ConfigError("no trainable parameter: add style experts (add_style_experts) before training")
         optimizer = torch.optim.AdamW(params, lr=config.trainer.lr, weight_decay=config.trainer.weight_decay)
+        # guidance-distilled transformers (FLUX.1-Kontext-dev) embed a guidance scale: the paper trains at 1
+        self.guidance = config.guidance if getattr(getattr(model, "config", None), "guidance_embeds", False) else None
         if config.layout == "unet":
             from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
@@ -240,11 +242,8 @@ class RegionRouteTrainer(Trainer):
         noise = torch.randn_like(x0)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         self.store.target_tokens = x0.shape[1]
-        # guidance-distilled transformers (FLUX.1-Kontext-dev) embed a guidance scale: the paper trains at 1
-        embeds = getattr(getattr(self.unwrapped_model, "config", None), "guidance_embeds", False)
-        guidance = torch.full_like(t, self.cfg.guidance) if embeds else None
         pred = flux_velocity(self.model, xt, ctx, batch["text"], batch["pooled"], t, self.image_size,
-                             reference_context_ids=self.cfg.reference_context_ids, guidance=guidance)
+                             reference_context_ids=self.cfg.reference_context_ids, guidance=self.guidance)
         return pred, noise - x0
 
     def _unet_forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,12 +262,13 @@ class RegionRouteTrainer(Trainer):
 
 def flux_velocity(
     model: nn.Module, xt: torch.Tensor, context: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, t: torch.Tensor,
-    image_size: tuple[int, int], *, reference_context_ids: bool = False, guidance: torch.Tensor | None = None,
+    image_size: tuple[int, int], *, reference_context_ids: bool = False, guidance: float | None = None,
 ) -> torch.Tensor:
     """The transformer's prediction on ``[text | x_t | context]`` for the target tokens ``[B, N, C]``.
 
-    ``image_size`` is the unpacked grid ``(h, w)`` (tokens ``(h/2)(w/2)``); ``guidance [B]`` is the embedded
-    guidance of guidance-distilled transformers (``guidance_embeds=True``, e.g. FLUX.1-Kontext-dev).
+    ``image_size`` is the unpacked grid ``(h, w)`` (tokens ``(h/2)(w/2)``); ``guidance`` is the embedded
+    guidance scale of guidance-distilled transformers (``guidance_embeds=True``, e.g. FLUX.1-Kontext-dev;
+    pass None for others).
     """
     h, w = image_size[0] // 2, image_size[1] // 2
     if xt.shape[1] != h * w or context.shape != xt.shape:
@@ -277,7 +277,7 @@ def flux_velocity(
     out = model(
         hidden_states=torch.cat([xt, context], 1), encoder_hidden_states=text, pooled_projections=pooled,
         timestep=t, img_ids=ids, txt_ids=torch.zeros(text.shape[1], 3, device=xt.device), return_dict=False,
-        **({} if guidance is None else {"guidance": guidance}),
+        **({} if guidance is None else {"guidance": torch.full((xt.shape[0],), float(guidance), device=xt.device)}),
     )[0]
     return out[:, : xt.shape[1]]
 

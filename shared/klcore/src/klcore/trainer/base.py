@@ -347,8 +347,7 @@ def _configure_deepspeed(acc: Accelerator, config: TrainerConfig) -> None:
     ``config.max_grad_norm``. ``train_micro_batch_size_per_gpu`` is bookkeeping for DeepSpeed (the loop
     sizes micro-batches itself).
     """
-    plugin = acc.state.deepspeed_plugin
-    ds = plugin.deepspeed_config
+    ds = acc.state.deepspeed_plugin.deepspeed_config
     gas = ds.get("gradient_accumulation_steps", "auto")
     if gas not in ("auto", 1):
         raise ConfigError(
