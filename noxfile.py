@@ -1,8 +1,11 @@
-"""Sessions: tests(package) per package folder, integration, lint, typecheck, bench, demo, build.
+"""Sessions: tests(package) per package folder, integration, lint, typecheck, bench, demo, build, lock,
+tests-latest.
 
-Every session installs through constraints.txt, which pins the CPU build of torch lying on these
-machines' disk (PIP_FIND_LINKS); uv is used when present (and told about that folder through
-UV_FIND_LINKS), virtualenv + pip otherwise.
+Every session but tests-latest installs through constraints.txt, the lock that `nox -s lock` compiles
+with uv from every package's requirements and extras and the tools below: every transitive dependency
+pinned, torch as the CPU build lying on these machines' disk (PIP_FIND_LINKS). The same file constrains
+the build back-ends of the packages (hatchling). uv is used when present (and told about that folder
+through UV_FIND_LINKS), virtualenv + pip otherwise.
 """
 
 from __future__ import annotations
@@ -11,9 +14,16 @@ import os
 from pathlib import Path
 
 import nox
+import nox.command
+import tomllib
 
 ROOT = Path(__file__).parent
 CONSTRAINTS = str(ROOT / "constraints.txt")
+TORCH = "torch==2.13.0+cpu"  # the CPU wheel on these machines' disk; the registry's torch is a CUDA build
+# what the sessions install beside the packages: locked with them
+TOOLS = ["nox", "uv", "ruff", "mypy", "build", "setuptools", "wheel", "deepspeed", "psutil", "trl", "gpytorch"]
+# extras left out of the lock: their own sessions resolve them (verl asks for an older transformers)
+UNLOCKED_EXTRAS = {"verl", "vllm"}
 CORE = "shared/klcore"
 NO_TESTS = 5  # pytest's exit code when a folder holds no test yet: not a failure
 PACKAGES = [CORE, *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "packages").glob("*") if (p / "pyproject.toml").exists())]
@@ -26,8 +36,13 @@ if os.environ.get("PIP_FIND_LINKS") and not os.environ.get("UV_FIND_LINKS"):
     os.environ["UV_FIND_LINKS"] = ",".join(os.environ["PIP_FIND_LINKS"].split())  # uv: comma-separated
 
 
-def _install(session: nox.Session, *args: str, **kwargs: object) -> None:
-    session.install("-c", CONSTRAINTS, *args, **kwargs)
+def _locked_env(constraints: str = CONSTRAINTS) -> dict[str, str]:
+    """Constraints for the build environments pip and uv make for sdists and local packages."""
+    return {"UV_BUILD_CONSTRAINT": constraints, "PIP_CONSTRAINT": constraints}
+
+
+def _install(session: nox.Session, *args: str, constraints: str = CONSTRAINTS, env: dict | None = None) -> None:
+    session.install("-c", constraints, *args, env={**_locked_env(constraints), **(env or {})})
 
 
 def _short(path: str) -> str:
@@ -59,7 +74,7 @@ def integration(session: nox.Session) -> None:
 @nox.session(tags=["test"])
 def lint(session: nox.Session) -> None:
     """ruff over the whole repository."""
-    session.install("ruff")
+    _install(session, "ruff")
     session.run("ruff", "check", ".")
 
 
@@ -141,17 +156,18 @@ for name in plugins.registry("recipe"):
 @nox.session
 def build(session: nox.Session) -> None:
     """Build every package's wheel, install each alone into a clean venv, and load its entry points."""
-    session.install("build")
+    _install(session, "build")
     dist = Path(session.create_tmp()) / "dist"
     for path in PACKAGES:
-        session.run("python", "-m", "build", "--wheel", "--outdir", str(dist), path)
+        session.run("python", "-m", "build", "--wheel", "--outdir", str(dist), path, env=_locked_env())
     core_wheel = str(next(dist.glob("klcore-*.whl")))
     for wheel in sorted(dist.glob("*.whl")):
         venv = Path(session.create_tmp()) / f"venv-{wheel.name.split('-')[0]}"
         session.run("python", "-m", "venv", "--clear", str(venv))
         py = str(venv / "bin" / "python")
         extra = [] if str(wheel) == core_wheel else [core_wheel]
-        session.run(py, "-m", "pip", "install", "-q", "-c", CONSTRAINTS, *extra, str(wheel), external=True)
+        session.run(py, "-m", "pip", "install", "-q", "-c", CONSTRAINTS, *extra, str(wheel), external=True,
+                    env=_locked_env())
         session.run(py, "-c", _CHECK_ENTRY_POINTS, external=True)
 
 
@@ -161,3 +177,45 @@ plugins = build_plugin_manager()
 assert not plugins.failures, plugins.failures
 print("plugins:", sorted(plugins.distributions))
 """
+
+
+def _extras(path: str) -> list[str]:
+    meta = tomllib.loads((ROOT / path / "pyproject.toml").read_text())["project"]
+    return sorted(set(meta.get("optional-dependencies", {})) - UNLOCKED_EXTRAS)
+
+
+def _with_extras(path: str) -> str:
+    extras = _extras(path)
+    return f"{path}[{','.join(extras)}]" if extras else path
+
+
+@nox.session(venv_backend="none")
+def lock(session: nox.Session) -> None:
+    """Recompile constraints.txt: every package with its extras (but UNLOCKED_EXTRAS) and TOOLS, resolved to
+    the newest versions they allow for this machine's Python and platform, every transitive dependency pinned."""
+    spec = Path(session.create_tmp()) / "lock.in"
+    spec.write_text("\n".join([*(f"-e {_with_extras(p)}" for p in PACKAGES), TORCH, *TOOLS]) + "\n")
+    names = [tomllib.loads((ROOT / p / "pyproject.toml").read_text())["project"]["name"] for p in PACKAGES]
+    session.run("uv", "pip", "compile", str(spec), "--output-file", CONSTRAINTS, "--python-version", "3.11",
+                "--custom-compile-command", "nox -s lock", "--no-annotate", "--quiet",
+                *[arg for name in names for arg in ("--no-emit-package", name)], external=True)
+
+
+@nox.session(name="tests-latest")
+def tests_latest(session: nox.Session) -> None:
+    """The whole suite (every package's tests, then integration) with the newest versions the packages' own
+    ranges allow, torch aside (the CPU wheel): finds drift before the lock is refreshed. Not in CI."""
+    newest = Path(session.create_tmp()) / "torch.txt"
+    newest.write_text(TORCH + "\n")
+    _install(session, *(_with_extras(p) for p in PACKAGES), "setuptools", "wheel", constraints=str(newest))
+    _install(session, "--no-build-isolation", "deepspeed", constraints=str(newest), env={"DS_BUILD_OPS": "0"})
+    session.run("python", "-m", "pip", "freeze")  # what "newest" meant today, for the report
+    failed = []
+    for path in [*PACKAGES, "integration-tests"]:
+        tests = path if path == "integration-tests" else f"{path}/tests"
+        try:
+            session.run("python", "-m", "pytest", tests, "-q", *session.posargs, success_codes=[0, NO_TESTS])
+        except nox.command.CommandFailed:
+            failed.append(tests)
+    if failed:
+        session.error("failed with the newest versions: " + ", ".join(failed))

@@ -3,6 +3,7 @@ log-probs only, micro-batch invariance), and bad inputs."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -139,22 +140,42 @@ def _trainer(run_dir: Path, plugins, store: Path, *, model=None, sgd: bool = Fal
                        optimizer=torch.optim.SGD(model.parameters(), lr=0.5) if sgd else None)
 
 
-def test_regulariser_uses_stored_log_probs_only(store, plugins, tmp_path) -> None:
-    trainer = _trainer(tmp_path, plugins, store, metrics={"rehearsal_divergence": {"path": str(store), "every": 1}})
-    assert trainer.ref_model is None
-    policy = {id(m) for m in trainer.model.modules()}
+@contextlib.contextmanager
+def _foreign_model_forwards(policy: torch.nn.Module):
+    """Names of modules that ran a forward while holding a parameter the policy does not own: a second
+    model (a reference copy) is caught; parameter-free wrappers other libraries create (transformers'
+    `kernels` functions as modules) are not, since they hold no weights of any model."""
+    owned = {id(p) for p in policy.parameters()}
     foreign: list[str] = []
 
     def record(module, args, output):
-        if id(module) not in policy:
+        if any(id(p) not in owned for p in module.parameters()):
             foreign.append(type(module).__name__)
 
     handle = torch.nn.modules.module.register_module_forward_hook(record)
     try:
-        rows = trainer.train()
+        yield foreign
     finally:
         handle.remove()
-    assert not foreign, f"modules outside the policy were called: {sorted(set(foreign))}"
+
+
+def test_foreign_model_check_ignores_parameter_free_modules() -> None:
+    policy, other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    wrapper = torch.nn.Sequential(policy, torch.nn.ReLU())  # holds only the policy's weights
+    with _foreign_model_forwards(policy) as foreign:
+        torch.nn.GELU()(wrapper(torch.ones(1, 2)))
+    assert foreign == []
+    with _foreign_model_forwards(policy) as foreign:
+        other(torch.ones(1, 2))
+    assert foreign == ["Linear"]
+
+
+def test_regulariser_uses_stored_log_probs_only(store, plugins, tmp_path) -> None:
+    trainer = _trainer(tmp_path, plugins, store, metrics={"rehearsal_divergence": {"path": str(store), "every": 1}})
+    assert trainer.ref_model is None
+    with _foreign_model_forwards(trainer.model) as foreign:
+        rows = trainer.train()
+    assert not foreign, f"modules holding weights outside the policy were called: {sorted(set(foreign))}"
     # step 0's term is taken before the first update, when the policy is still the initial one
     assert rows[0]["dph/loss"] == pytest.approx(0.0, abs=1e-6)
     assert rows[0]["rehearsal/js"] > 0 and rows[-1]["dph/loss"] > 0
@@ -165,15 +186,8 @@ def test_regulariser_uses_stored_log_probs_only(store, plugins, tmp_path) -> Non
 def test_a_called_reference_model_would_be_caught(store, plugins, tmp_path) -> None:
     """The check above fails when a model other than the policy runs (here the core's online KL)."""
     trainer = _trainer(tmp_path, plugins, store, kl_coef=0.1)
-    policy = {id(m) for m in trainer.model.modules()}
-    foreign: list[str] = []
-    handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda module, args, output: foreign.append(type(module).__name__) if id(module) not in policy else None
-    )
-    try:
+    with _foreign_model_forwards(trainer.model) as foreign:
         trainer.train()
-    finally:
-        handle.remove()
     assert foreign
 
 
