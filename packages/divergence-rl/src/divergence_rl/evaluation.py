@@ -11,6 +11,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from klcore import hookimpl
+from klcore.data import padding_id
 from klcore.errors import ConfigError
 from klcore.rollout import pass_at_k, sample
 from klcore.toy import encode_prompts, get_task
@@ -52,7 +53,7 @@ def correct_counts(
     drawn = task.problems(problems, generator=gen, split=split)
     roll = sample(
         model, encode_prompts(tokenizer, drawn), group_size=samples, max_new_tokens=task.max_answer_chars + 2,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, temperature=temperature,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=padding_id(tokenizer), temperature=temperature,
         generator=gen,
     )
     texts = tokenizer.batch_decode(roll.responses, skip_special_tokens=True)

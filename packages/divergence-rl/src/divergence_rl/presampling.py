@@ -30,6 +30,7 @@ from divergence_rl.store import (
     read_shard,
     shard_path,
 )
+from klcore.data import padding_id
 from klcore.errors import CheckpointError, ConfigError, DataError
 from klcore.rollout import sample
 from klcore.toy import encode_prompts
@@ -136,7 +137,7 @@ def _sample_chunk(
     gen = torch.Generator().manual_seed(seed)
     roll = sample(
         model, encode_prompts(tokenizer, problems), group_size=per_prompt, max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, temperature=config.temperature,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=padding_id(tokenizer), temperature=config.temperature,
         generator=gen,
     )
     texts = tokenizer.batch_decode(roll.responses, skip_special_tokens=True)
@@ -184,7 +185,7 @@ def presample(
         raise ConfigError(f"{type(model).__name__} has no config.vocab_size; pass a Hugging Face causal LM")
     max_new = config.max_new_tokens or task.max_answer_chars + 2
     prompts = training_prompts(task, config.num_prompts, config.seed)
-    manifest = _manifest(config, prompts, vocab, tokenizer.pad_token_id, max_new, model_fingerprint(model))
+    manifest = _manifest(config, prompts, vocab, padding_id(tokenizer), max_new, model_fingerprint(model))
     if (root / MANIFEST).exists():
         old = read_manifest(root)
         if old["model_fingerprint"] != manifest["model_fingerprint"]:

@@ -21,6 +21,7 @@ import torch
 
 from hypo.config import HyPOConfig
 from klcore.config import to_dict
+from klcore.data import padding_id
 from klcore.errors import ConfigError
 
 
@@ -83,7 +84,7 @@ def _offline_pairs(model: Any, tok: Any, task: Any, cfg: HyPOToyConfig, seed: in
     k = cfg.reference_samples
     roll = sample(
         model, encode_prompts(tok, problems), group_size=k, max_new_tokens=task.max_answer_chars + 2,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=gen,
+        eos_token_id=tok.eos_token_id, pad_token_id=padding_id(tok), generator=gen,
     )
     texts = tok.batch_decode(roll.responses, skip_special_tokens=True)
     pairs = []

@@ -16,6 +16,7 @@ from hypo.data import TokenizedPairs
 from hypo.forward import completion_logprobs, completion_logprobs_chunked
 from hypo.online_kl import rloo_kl_surrogate, sequence_log_ratio
 from hypo.reference import reference_logps
+from klcore.data import padding_id
 from klcore.errors import ConfigError
 from klcore.plugins import Plugins
 from klcore.reduce import GlobalCounts
@@ -136,7 +137,7 @@ class HyPOTrainer(Trainer):
         k, tok = self.config.group_size, self.tokenizer
         roll = sample(
             self.unwrapped_model, prompts, group_size=k, max_new_tokens=self.max_new_tokens,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=gen,
+            eos_token_id=tok.eos_token_id, pad_token_id=padding_id(tok), generator=gen,
         )
         fields = _rollout_fields(roll)
         ref_lp = self._ref_logprobs(fields)
@@ -200,7 +201,7 @@ class HyPOTrainer(Trainer):
         gen = torch.Generator().manual_seed(cfg.seed + 99)
         roll = sample(
             self.unwrapped_model, self.eval_prompts, group_size=cfg.eval_samples, max_new_tokens=self.max_new_tokens,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=gen,
+            eos_token_id=tok.eos_token_id, pad_token_id=padding_id(tok), generator=gen,
         )
         fields = _rollout_fields(roll)
         mask = roll.response_mask

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from klcore.data import padding_id
 from klcore.errors import UnsupportedModelError
 from klcore.logprobs import token_logprobs
 from klcore.plugins import Plugins
@@ -101,7 +102,7 @@ class DistillTrainer(DistillLoop):
             group_size=group,
             max_new_tokens=self.max_new_tokens,
             eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
+            pad_token_id=padding_id(tok),
             temperature=self.config.temperature,
             generator=gen,
         )

@@ -74,6 +74,18 @@ def klcore_register_metrics() -> Iterable[Component]:
 
 
 @hookspec
+def klcore_register_rewards() -> Iterable[Component]:
+    """Factories ``(**options) -> reward`` of rewards, called as ``reward(completions, rows) -> [float]``:
+    the decoded completions and the dataset rows they answer (see ``klcore.rewards``)."""
+
+
+@hookspec
+def klcore_register_tasks() -> Iterable[Component]:
+    """Factories ``(tokenizer=, data=, **options) -> task`` of prompt sources with a verifier: objects
+    with ``problems(n, generator=, split=)`` and ``verify(problem, completion)`` (see ``klcore.tasks``)."""
+
+
+@hookspec
 def klcore_register_recipes() -> Iterable[Component]:
     """Runnable pipelines (``klcore.recipes.Recipe``) for ``klcore run NAME``."""
 

@@ -34,6 +34,8 @@ KINDS: dict[str, str] = {
     "loss": "klcore_register_losses",
     "regulariser": "klcore_register_regularisers",
     "metric": "klcore_register_metrics",
+    "reward": "klcore_register_rewards",
+    "task": "klcore_register_tasks",
     "recipe": "klcore_register_recipes",
 }
 

@@ -81,9 +81,12 @@ _FORWARD_PARAMS: dict[type, frozenset[str]] = {}
 
 
 def forward_accepts(model: nn.Module, name: str) -> bool:
-    """Whether ``model.forward`` (of the wrapped module under DDP) takes keyword ``name``; looked up once
-    per model class."""
+    """Whether ``model.forward`` (of the wrapped module under DDP, of the base model under a peft adapter,
+    which passes keywords through) takes keyword ``name``; looked up once per model class."""
     inner: nn.Module = getattr(model, "module", model)
+    base_of = getattr(inner, "get_base_model", None)
+    if callable(base_of):
+        inner = base_of()
     cls = type(inner)
     if cls not in _FORWARD_PARAMS:
         _FORWARD_PARAMS[cls] = frozenset(inspect.signature(cls.forward).parameters)

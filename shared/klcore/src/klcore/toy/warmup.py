@@ -15,20 +15,25 @@ from klcore.toy.tasks import Problem, Task
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem]) -> list[list[int]]:
-    """Token ids of ``<bos> + prompt`` for each problem."""
-    return [[tokenizer.bos_token_id, *tokenizer.encode(p.prompt, add_special_tokens=False)] for p in problems]
+    """Token ids of each problem's prompt (``klcore.data.encode_prompt``): a dataset prompt's own encoding
+    (chat template included), else the text with the tokenizer's own special tokens (a BOS only where
+    the tokenizer adds one)."""
+    from klcore.data import encode_prompt  # klcore.data imports the toy tasks
+
+    return [encode_prompt(tokenizer, p) for p in problems]
 
 
 def _sft_batch(tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem]) -> tuple[torch.Tensor, ...]:
-    """Right-padded ``<bos> prompt answer <eos>`` with labels only on ``answer <eos>``."""
+    """Right-padded ``prompt answer <eos>`` with labels only on ``answer <eos>``."""
+    from klcore.data import padding_id
+
     rows, labels = [], []
-    for p in problems:
-        prompt = [tokenizer.bos_token_id, *tokenizer.encode(p.prompt, add_special_tokens=False)]
+    for p, prompt in zip(problems, encode_prompts(tokenizer, problems), strict=True):
         answer = [*tokenizer.encode(p.answer, add_special_tokens=False), tokenizer.eos_token_id]
         rows.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(rows), width), padding_id(tokenizer), dtype=torch.long)
     lab = torch.full((len(rows), width), -100, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
@@ -47,17 +52,23 @@ def evaluate(
     seed: int = 1234,
     greedy: bool = True,
     temperature: float = 1.0,
+    max_new_tokens: int = 0,
 ) -> float:
-    """Fraction of ``n`` problems of ``split`` answered exactly (greedy decoding by default)."""
+    """Mean reward of ``n`` problems of ``split`` (greedy decoding by default): drawn from a toy task, the
+    first ``n`` distinct items of a dataset task (one with ``items(split)``). ``max_new_tokens = 0``: the
+    task's longest answer plus two."""
+    from klcore.data import padding_id, score_completions
+
     gen = torch.Generator().manual_seed(seed)
-    problems = task.problems(n, generator=gen, split=split)
+    items = getattr(task, "items", None)
+    problems = items(split)[:n] if callable(items) else task.problems(n, generator=gen, split=split)
     roll = sample(
-        model, encode_prompts(tokenizer, problems), max_new_tokens=task.max_answer_chars + 2,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        model, encode_prompts(tokenizer, problems), max_new_tokens=max_new_tokens or task.max_answer_chars + 2,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=padding_id(tokenizer),
         greedy=greedy, temperature=temperature, generator=gen,
     )
     texts = tokenizer.batch_decode(roll.responses, skip_special_tokens=True)
-    return sum(task.verify(p, t) for p, t in zip(problems, texts, strict=True)) / len(problems)
+    return sum(score_completions(task, problems, texts)) / len(problems)
 
 
 @dataclass

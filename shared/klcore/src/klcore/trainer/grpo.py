@@ -19,9 +19,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from klcore import advantages as adv_lib
+from klcore.data import padding_id, score_completions
 from klcore.divergences import kl_estimate
 from klcore.errors import PluginError
 from klcore.logprobs import token_logprobs_and_entropy
+from klcore.models import adapters_disabled, is_peft_model
 from klcore.plugins import Plugins
 from klcore.reduce import GlobalCounts, aggregate
 from klcore.rollout import forward_accepts, pass_at_k, sample
@@ -55,10 +57,11 @@ def policy_forward(
 class GRPOTrainer(Trainer):
     """RL with verifiable rewards on a :class:`klcore.toy.Task`-like object.
 
-    ``task`` provides ``problems(n, generator=, split=)`` and ``verify(problem, completion)``.
-    ``eval_tasks`` (name -> task) are evaluated greedily on their ``test`` split and logged as
-    ``eval/<name>_accuracy``. ``ref_model`` (default: a frozen copy of ``model``) is used only when
-    ``config.kl_coef > 0``.
+    ``task`` provides ``problems(n, generator=, split=)`` and ``verify(problem, completion)`` (a toy
+    task, or a ``klcore.data.PromptDataset`` scored by its reward). ``eval_tasks`` (name -> task) are
+    evaluated greedily on their ``test`` split and logged as ``eval/<name>_accuracy``. ``ref_model``
+    (default: a frozen copy of ``model``; for a peft LoRA model, the same model with its adapters off)
+    is used only when ``config.kl_coef > 0``. A tokenizer without a pad token pads with EOS.
     """
 
     def __init__(
@@ -80,7 +83,9 @@ class GRPOTrainer(Trainer):
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
         ref = None
-        if config.kl_coef > 0:
+        #: the KL reference is the LoRA model's base, its adapters switched off (no second copy)
+        self.ref_is_base = config.kl_coef > 0 and ref_model is None and is_peft_model(model)
+        if config.kl_coef > 0 and not self.ref_is_base:
             ref = (ref_model if ref_model is not None else copy.deepcopy(model)).eval().requires_grad_(False)
         super().__init__(model, config, run_dir=run_dir, plugins=plugins, accelerator=accelerator, optimizer=optimizer)
         self.config: GRPOConfig = config
@@ -97,12 +102,13 @@ class GRPOTrainer(Trainer):
         problems = self.task.problems(cfg.prompts_per_step, generator=gen, split="train")
         roll = sample(
             self.unwrapped_model, encode_prompts(tok, problems), group_size=cfg.group_size,
-            max_new_tokens=self.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            max_new_tokens=self.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=padding_id(tok),
             temperature=cfg.temperature, top_p=cfg.top_p, generator=gen,
         )
         texts = tok.batch_decode(roll.responses, skip_special_tokens=True)
         g = cfg.group_size
-        rewards = torch.tensor([self.task.verify(problems[i // g], t) for i, t in enumerate(texts)]).view(-1, g)
+        scored = score_completions(self.task, [problems[i // g] for i in range(len(texts))], texts)
+        rewards = torch.tensor(scored, dtype=torch.float32).view(-1, g)
         mask = roll.response_mask
         seq_adv = self.advantage_fn(rewards).reshape(-1, 1).to(mask.device)
         batch: Batch = {
@@ -119,6 +125,9 @@ class GRPOTrainer(Trainer):
             batch["old_log_prob"], entropy = self._in_chunks(self.model, batch)
             if self.ref_model is not None:
                 batch["ref_log_prob"], _ = self._in_chunks(self.ref_model, batch)
+            elif self.ref_is_base:
+                with adapters_disabled(self.unwrapped_model):
+                    batch["ref_log_prob"], _ = self._in_chunks(self.model, batch)
         correct = rewards.sum(1).long().tolist()
         lengths = mask.sum(1).float()
         valid = mask.float()
@@ -131,6 +140,7 @@ class GRPOTrainer(Trainer):
             "rollout/kl_mismatch": float(
                 (kl_estimate(roll.logprobs, batch["old_log_prob"], "k3", mask=mask) * valid).sum() / valid.sum()
             ),
+            **getattr(self.task, "metrics", {}),
         }
         return batch, metrics
 
@@ -181,7 +191,7 @@ class GRPOTrainer(Trainer):
             batch["old_log_prob"], log_prob, batch["advantages"], mask, **agg, **cfg.loss_options, **prepared
         )
         metrics = {k: float(v) for k, v in raw.items()}
-        if self.ref_model is not None:
+        if "ref_log_prob" in batch:
             per_token = kl_estimate(log_prob, batch["ref_log_prob"], cfg.kl_estimator, mask=mask)
             loss = loss + cfg.kl_coef * aggregate(per_token, mask, cfg.agg, counts=counts, norm_length=norm_length)
             metrics["kl/ref"] = float(per_token.detach().sum() / mask.sum().clamp(min=1))
@@ -192,7 +202,8 @@ class GRPOTrainer(Trainer):
         model = self.unwrapped_model
         return {
             f"eval/{name}_accuracy": evaluate(
-                model, self.tokenizer, task, n=self.config.eval_problems, seed=self.config.seed + 99
+                model, self.tokenizer, task, n=self.config.eval_problems, seed=self.config.seed + 99,
+                max_new_tokens=self.config.max_new_tokens,
             )
             for name, task in self.eval_tasks.items()
         }
