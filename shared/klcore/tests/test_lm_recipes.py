@@ -22,8 +22,8 @@ from klcore.models import LoraConfig, ModelConfig, add_lora, load_causal_lm, sav
 from klcore.rewards import exact_match
 from klcore.toy.tokenizer import chat_tokenizer
 from klcore.trainer import GRPOConfig
-from klcore.trainer.run_folder import checkpoint_name
 from klcore.trainer.grpo import GRPOTrainer, policy_forward
+from klcore.trainer.run_folder import checkpoint_name
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
