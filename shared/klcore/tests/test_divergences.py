@@ -532,3 +532,46 @@ def test_minus_inf_logits_mean_zero_probability() -> None:
     assert float(g) == pytest.approx(ref_js, rel=1e-5)
     with pytest.raises(NonFiniteError):  # P puts mass where Q has none: KL(P || Q) is infinite
         kl(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_closed_form_backward_in_bf16_with_masked_garbage_and_a_frozen_teacher(beta: float) -> None:
+    """bf16 logits get bf16 gradients equal to float64 autograd's (to bf16 precision); a masked-out row
+    holding NaN gets exactly zero gradient; a teacher without grad gets none; -inf logits stay finite."""
+    g = torch.Generator().manual_seed(7)
+    s0, t0 = torch.randn(6, 40, generator=g), torch.randn(6, 40, generator=g)
+    s0[1, :5] = -float("inf")  # a masked vocabulary in both
+    t0[1, :5] = -float("inf")
+    mask = torch.tensor([True, True, True, False, True, True])
+    s_bad = s0.clone()
+    s_bad[3] = float("nan")
+    s = s_bad.to(torch.bfloat16).requires_grad_()
+    t = t0.to(torch.bfloat16)
+    generalized_jsd(s, t, beta, mask=mask, chunk_size=2).sum().backward()
+    assert s.grad.dtype == torch.bfloat16 and t.grad is None
+    assert torch.equal(s.grad[3], torch.zeros(40, dtype=torch.bfloat16)) and torch.isfinite(s.grad).all()
+    # float64 autograd on the finite columns (dropping the -inf ones leaves each distribution unchanged)
+    keep = torch.ones(40, dtype=torch.bool)
+    keep[:5] = False
+    torch.testing.assert_close(s.grad[1, :5].double(), torch.zeros(5, dtype=torch.float64))
+    s64 = s0.to(torch.bfloat16).double().requires_grad_()
+    for row in (0, 1, 2, 4, 5):
+        cols = keep if row == 1 else torch.ones(40, dtype=torch.bool)
+        sp, tp = s64[row, cols].softmax(-1), t[row, cols].double().softmax(-1)
+        if beta == 0.0:
+            value = (tp * (tp.log() - sp.log())).sum()
+        elif beta == 1.0:
+            value = (sp * (sp.log() - tp.log())).sum()
+        else:
+            m = beta * tp + (1 - beta) * sp
+            value = beta * (tp * (tp / m).log()).sum() + (1 - beta) * (sp * (sp / m).log()).sum()
+        value.backward()
+    torch.testing.assert_close(s.grad.double()[mask], s64.grad[mask], rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("fn", [kl, js, lambda p, q: generalized_jsd(p, q, 0.2)])
+def test_float32_inputs_are_left_untouched(fn) -> None:
+    p0, q0 = torch.randn(5, 33), torch.randn(5, 33)
+    p, q = p0.clone().requires_grad_(), q0.clone().requires_grad_()
+    fn(p, q).sum().backward()
+    assert torch.equal(p.detach(), p0) and torch.equal(q.detach(), q0)

@@ -109,6 +109,38 @@ def test_inverse_cdf_draws_follow_the_distribution() -> None:
     torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)
 
 
+def test_two_stage_draw_equals_one_float64_cumsum() -> None:
+    """The blocked inverse CDF picks the token a single float64 cumsum over the vocabulary picks, for the
+    same uniforms: vocabularies across several blocks, tiny and zero probabilities, zero blocks, a zero tail."""
+    from klcore.rollout import DRAW_BLOCK, _draw
+
+    g = torch.Generator().manual_seed(3)
+    vocab = 5 * DRAW_BLOCK + 77
+    logits = torch.randn(400, vocab, generator=g) * 6
+    logits[:50, DRAW_BLOCK : 2 * DRAW_BLOCK] = -float("inf")  # a whole block without mass
+    logits[50:100, -500:] = -float("inf")  # a zero tail
+    logits[100:150, :] = -40.0
+    logits[100:150, 7] = 0.0  # nearly all mass on one token, the rest tiny
+    probs = logits.softmax(-1)
+    got = _draw(probs, torch.Generator().manual_seed(11))
+    u = torch.rand((400, 1), generator=torch.Generator().manual_seed(11)).double()
+    cdf = probs.double().cumsum(-1)
+    expected = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    assert torch.equal(got, expected)
+    assert (probs.gather(1, got[:, None]) > 0).all()
+
+
+def test_group_prefill_once_equals_repeated_prompts(tiny_model) -> None:
+    """Prefilling each prompt once and repeating its cache gives the rollout of a batch that repeats it."""
+    kw = dict(max_new_tokens=6, eos_token_id=2, pad_token_id=0)
+    grouped = sample(tiny_model, PROMPTS, group_size=3, generator=torch.Generator().manual_seed(5), **kw)
+    repeated = sample(tiny_model, [p for p in PROMPTS for _ in range(3)], group_size=1,
+                      generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(grouped.input_ids, repeated.input_ids)
+    assert torch.equal(grouped.response_mask, repeated.response_mask)
+    torch.testing.assert_close(grouped.logprobs, repeated.logprobs, rtol=1e-5, atol=1e-6)
+
+
 def test_unsharded_model_and_synced_flag_on_one_process(tiny_model) -> None:
     assert not is_sharded(tiny_model)
     kw = dict(group_size=2, max_new_tokens=5, eos_token_id=2, pad_token_id=0)

@@ -2,8 +2,11 @@
 
 Full-distribution functions take two ``[..., V]`` logit tensors (any float dtype, same shape) and
 return one float32 value per position, shape ``[...]``, in nats. They run over chunks of rows and
-upcast one chunk at a time, so no float32 ``[..., V]`` copy is ever materialised; pass
-``checkpoint=True`` to also recompute each chunk in backward instead of storing its intermediates.
+upcast one chunk at a time, so no float32 ``[..., V]`` copy is ever materialised. The KL family
+(``kl``, ``forward_kl``, ``reverse_kl``, ``js``, ``generalized_jsd``) has closed-form gradients computed
+a chunk at a time in backward, so it stores nothing ``[..., V]`` for backward (``checkpoint`` changes
+nothing there); for ``alpha_divergence`` and ``f_divergence`` pass ``checkpoint=True`` to recompute
+each chunk in backward instead of storing its intermediates.
 An optional boolean ``mask`` of shape ``[...]`` zeroes (and skips validation of) unmasked positions.
 
 Argument order follows the names: ``kl(p, q)`` is KL(P || Q). The distillation helpers take
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from klcore import _checks
-from klcore._chunks import map_rows
+from klcore._chunks import map_rows, rows_per_chunk
 from klcore.errors import ConfigError, ShapeError, VocabMismatchError
 
 Generator = Callable[[torch.Tensor], torch.Tensor]
@@ -74,12 +77,6 @@ def _lsm(x: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(x, dim=-1, dtype=torch.float32)
 
 
-def _plogratio(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    """sum_x P(x) (log P(x) - log Q(x)) per row, with 0 log 0 = 0: -inf logits (masked vocabulary)
-    contribute nothing, and no NaN reaches the gradient."""
-    return (lp.exp() * torch.where(torch.isneginf(lp), 0.0, lp - lq)).sum(-1)
-
-
 def _log_mixture(la: torch.Tensor, lb: torch.Tensor, log_wa: float, log_wb: float) -> torch.Tensor:
     """log(w_a A + w_b B) from log-probs. Where both are 0 (-inf) the value is a finite placeholder: every
     use of it is multiplied by a zero probability, and a finite value keeps NaN out of the gradient."""
@@ -89,8 +86,110 @@ def _log_mixture(la: torch.Tensor, lb: torch.Tensor, log_wa: float, log_wb: floa
     return torch.logaddexp(la + log_wa, lb + log_wb)
 
 
-def _kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    return _plogratio(_lsm(p), _lsm(q))
+class _ChunkedPair(torch.autograd.Function):
+    """KL(P || Q) (``beta`` None) or the generalised JSD(beta) of (S = P, T = Q), per row of ``[N, V]``
+    logits, forward and backward a chunk of rows at a time in float32 with closed-form gradients.
+
+    Nothing ``[N, V]`` is stored for backward but the inputs (the caller holds them anyway) and two
+    ``[N]`` log-normalisers; backward recomputes each chunk's log-probs from them and writes the input
+    gradients in the inputs' dtype. With lp, lq the log-probs and v the row's value:
+
+    * KL: dv/dz_p = P (lp - lq - v), dv/dz_q = Q - P;
+    * JSD(beta), M = beta T + (1 - beta) S: dv/dz_s = (1 - beta) S (a - sum S a) with a = ls - lm, and
+      dv/dz_t = beta T (c - sum T c) with c = lt - lm (0 log 0 = 0 throughout).
+    """
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, q: torch.Tensor, beta: float | None, step: int) -> torch.Tensor:  # type: ignore[override]
+        n = p.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=p.device)
+        lse = torch.empty((2, n), dtype=torch.float32, device=p.device)
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            lp, big_p = _chunk_logprobs(p[rows], lse[0, rows])
+            lq, big_q = _chunk_logprobs(q[rows], lse[1, rows])
+            out[rows] = _pair_terms(lp, lq, beta, want_p=False, want_q=False, big_p=big_p, big_q=big_q)[0]
+        ctx.save_for_backward(p, q, lse)
+        ctx.beta, ctx.step = beta, step
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        p, q, lse = ctx.saved_tensors
+        want_p, want_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gp = torch.empty_like(p) if want_p else None
+        gq = torch.empty_like(q) if want_q else None
+        for start in range(0, p.shape[0], ctx.step):
+            rows = slice(start, start + ctx.step)
+            lp = p[rows].to(torch.float32, copy=True).sub_(lse[0, rows, None])
+            lq = q[rows].to(torch.float32, copy=True).sub_(lse[1, rows, None])
+            _, dp, dq = _pair_terms(lp, lq, ctx.beta, want_p=want_p, want_q=want_q)
+            g = grad[rows, None].float()
+            dead = (g == 0).squeeze(1)  # rows masked out upstream stay exactly zero, whatever their logits hold
+            for dest, d in ((gp, dp), (gq, dq)):
+                if dest is not None and d is not None:
+                    d.mul_(g)
+                    if dead.any():
+                        d[dead] = 0.0
+                    dest[rows].copy_(d)
+        return gp, gq, None, None
+
+
+def _chunk_logprobs(logits: torch.Tensor, lse_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(log-softmax, softmax)`` of a chunk of rows with one exp pass; stores each row's
+    log-normaliser in ``lse_out``."""
+    z = logits.to(torch.float32, copy=True)  # a copy even of float32 input: it is overwritten below
+    top = z.amax(-1, keepdim=True).nan_to_num_(0.0, posinf=0.0, neginf=0.0)  # rows of -inf stay -inf, not NaN
+    e = z.sub_(top).exp()
+    log_total = e.sum(-1, keepdim=True).log_()
+    lse_out.copy_((top + log_total).squeeze(-1))
+    return z.sub_(log_total), e.div_(log_total.exp())
+
+
+def _pair_terms(
+    lp: torch.Tensor, lq: torch.Tensor, beta: float | None, *, want_p: bool, want_q: bool,
+    big_p: torch.Tensor | None = None, big_q: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Row values and the gradients asked for (with respect to each logit row) from the log-probs (and the
+    probabilities, when already at hand); see ``_ChunkedPair``. May overwrite ``lp`` and ``lq``."""
+    big_p = lp.exp() if big_p is None else big_p
+    if beta is None:
+        diff = (lp - lq).masked_fill_(big_p == 0, 0.0)  # 0 log 0 = 0
+        value = (big_p * diff).sum(-1)
+        dq = (lq.exp_() if big_q is None else big_q).sub_(big_p) if want_q else None
+        dp = diff.sub_(value[:, None]).mul_(big_p) if want_p else None
+        return value, dp, dq
+    big_q = lq.exp() if big_q is None else big_q
+    lm = _log_mixture(lp, lq, math.log1p(-beta), math.log(beta))
+    a = (lp - lm).masked_fill_(big_p == 0, 0.0)
+    c = lq.sub_(lm).masked_fill_(big_q == 0, 0.0)
+    kl_s, kl_t = (big_p * a).sum(-1), (big_q * c).sum(-1)
+    value = beta * kl_t + (1.0 - beta) * kl_s
+    dp = a.sub_(kl_s[:, None]).mul_(big_p).mul_(1.0 - beta) if want_p else None
+    dq = c.sub_(kl_t[:, None]).mul_(big_q).mul_(beta) if want_q else None
+    return value, dp, dq
+
+
+def _pair_divergence(
+    p_logits: torch.Tensor,
+    q_logits: torch.Tensor,
+    beta: float | None,
+    *,
+    names: tuple[str, str],
+    chunk_size: int | None,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """KL(P || Q) or JSD(beta) of (P, Q) per position through ``_ChunkedPair``: ``[..., V] -> [...]``."""
+    _pair(p_logits, q_logits, names)
+    lead, vocab = p_logits.shape[:-1], p_logits.shape[-1]
+    step = rows_per_chunk(vocab, chunk_size, p_logits.device)
+    flat_p, flat_q = p_logits.reshape(-1, vocab), q_logits.reshape(-1, vocab)
+    out = _ChunkedPair.apply(flat_p, flat_q, beta, step).reshape(lead)
+    if mask is not None:
+        m = _checks.mask(mask, "mask", lead, allow_empty=True)
+        out = torch.where(m, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    _checks.finite(out.detach(), f"divergence of ({names[0]}, {names[1]}) (NaN/inf logits)")
+    return out
 
 
 def kl(
@@ -102,10 +201,7 @@ def kl(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(P || Q) = sum_x P(x) log(P(x)/Q(x)) per position: ``[..., V], [..., V] -> [...]`` float32."""
-    return _per_position(
-        _kl_rows, p_logits, q_logits, names=("p_logits", "q_logits"),
-        chunk_size=chunk_size, checkpoint=checkpoint, mask=mask,
-    )
+    return _pair_divergence(p_logits, q_logits, None, names=("p_logits", "q_logits"), chunk_size=chunk_size, mask=mask)
 
 
 def forward_kl(
@@ -117,10 +213,8 @@ def forward_kl(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Forward (mass-covering) KL(T || S) of distillation per position, float32 ``[...]``."""
-    return _per_position(
-        lambda s, t: _kl_rows(t, s), student_logits, teacher_logits, names=("student_logits", "teacher_logits"),
-        chunk_size=chunk_size, checkpoint=checkpoint, mask=mask,
-    )
+    return _pair_divergence(teacher_logits, student_logits, None, names=("teacher_logits", "student_logits"),
+                            chunk_size=chunk_size, mask=mask)
 
 
 def reverse_kl(
@@ -132,17 +226,8 @@ def reverse_kl(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reverse (mode-seeking) KL(S || T) of distillation per position, float32 ``[...]``."""
-    return _per_position(
-        _kl_rows, student_logits, teacher_logits, names=("student_logits", "teacher_logits"),
-        chunk_size=chunk_size, checkpoint=checkpoint, mask=mask,
-    )
-
-
-def _js_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    lp = _lsm(p)
-    lq = _lsm(q)
-    lm = _log_mixture(lp, lq, -math.log(2.0), -math.log(2.0))
-    return 0.5 * _plogratio(lp, lm) + 0.5 * _plogratio(lq, lm)
+    return _pair_divergence(student_logits, teacher_logits, None, names=("student_logits", "teacher_logits"),
+                            chunk_size=chunk_size, mask=mask)
 
 
 def js(
@@ -154,10 +239,7 @@ def js(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Jensen-Shannon divergence with M = (P + Q)/2, natural log, in [0, ln 2]; float32 ``[...]``."""
-    return _per_position(
-        _js_rows, p_logits, q_logits, names=("p_logits", "q_logits"),
-        chunk_size=chunk_size, checkpoint=checkpoint, mask=mask,
-    )
+    return _pair_divergence(p_logits, q_logits, 0.5, names=("p_logits", "q_logits"), chunk_size=chunk_size, mask=mask)
 
 
 def generalized_jsd(
@@ -180,21 +262,12 @@ def generalized_jsd(
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
         raise ConfigError(f"beta must be a number in [0, 1], got {beta!r}")
     b = float(beta)
-
-    def rows(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if b == 0.0:
-            return _kl_rows(t, s)
-        if b == 1.0:
-            return _kl_rows(s, t)
-        ls = _lsm(s)
-        lt = _lsm(t)
-        lm = _log_mixture(ls, lt, math.log1p(-b), math.log(b))
-        return b * _plogratio(lt, lm) + (1.0 - b) * _plogratio(ls, lm)
-
-    return _per_position(
-        rows, student_logits, teacher_logits, names=("student_logits", "teacher_logits"),
-        chunk_size=chunk_size, checkpoint=checkpoint, mask=mask,
-    )
+    if b == 0.0:
+        return forward_kl(student_logits, teacher_logits, chunk_size=chunk_size, mask=mask)
+    if b == 1.0:
+        return reverse_kl(student_logits, teacher_logits, chunk_size=chunk_size, mask=mask)
+    return _pair_divergence(student_logits, teacher_logits, b, names=("student_logits", "teacher_logits"),
+                            chunk_size=chunk_size, mask=mask)
 
 
 def alpha_divergence(
