@@ -120,7 +120,7 @@ print(f"docs/{doc_name}.md covers the public API of {top}")
 def bench(session: nox.Session) -> None:
     """Every benchmarks/*.py (or those named: `nox -s bench -- dkm hodge`), with the peer libraries they compare to."""
     _install(session, f"{CORE}[lm]", *[p for p in PACKAGES if p != CORE], "psutil", "trl", "gpytorch")
-    scripts = sorted((ROOT / "benchmarks").glob("*.py"))
+    scripts = sorted(s for s in (ROOT / "benchmarks").glob("*.py") if not s.name.startswith("_"))
     chosen = [s for s in scripts if not session.posargs or s.stem in session.posargs]
     for script in chosen:
         session.run("python", str(script.relative_to(ROOT)))

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, TrainerCallback
+from _timing import StepTimer, sync
+from transformers import LlamaConfig
 
 from klcore.rollout import sample
 from klcore.toy import AdditionTask, char_tokenizer, tiny_causal_lm, tiny_config
@@ -46,11 +47,6 @@ def _model_config(size: str) -> LlamaConfig:
     return cfg
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _median_seconds(fns, repeats: int, device: str) -> list[float]:  # type: ignore[no-untyped-def]
     """Median seconds of each function, timed in alternation so drifts of the machine hit all alike."""
     for fn in fns:
@@ -58,10 +54,10 @@ def _median_seconds(fns, repeats: int, device: str) -> list[float]:  # type: ign
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, bucket in zip(fns, times, strict=True):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             bucket.append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
 
@@ -108,28 +104,15 @@ def klcore_steps(model, tok, args, tmp: Path) -> tuple[list[float], float]:  # t
     trainer = GRPOTrainer(model, tok, _DigitTask(digits=3), cfg, run_dir=tmp / "klcore")
     times, lengths = [], []
     for step in range(cfg.steps):
-        _sync(args.device)
+        sync(args.device)
         start = time.perf_counter()
         batch, metrics = trainer.collect(step)
         trainer.update(batch)
-        _sync(args.device)
+        sync(args.device)
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
             lengths.append(metrics["response/length_mean"])
     return times, statistics.mean(lengths)
-
-
-class _StepTimer(TrainerCallback):
-    def __init__(self, device: str) -> None:
-        self.device, self.times, self._start = device, [], 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        _sync(self.device)
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        _sync(self.device)
-        self.times.append(time.perf_counter() - self._start)
 
 
 def trl_steps(model, tok, args, tmp: Path) -> tuple[list[float], float] | None:  # type: ignore[no-untyped-def]
@@ -153,7 +136,7 @@ def trl_steps(model, tok, args, tmp: Path) -> tuple[list[float], float] | None: 
         use_cpu=args.device == "cpu", disable_tqdm=True, temperature=1.0, top_p=1.0, num_iterations=1,
         shuffle_dataset=False,
     )
-    timer = _StepTimer(args.device)
+    timer = StepTimer(args.device)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, processing_class=tok, callbacks=[timer],
                           train_dataset=Dataset.from_list([{"prompt": p.prompt} for p in problems]))
     trainer.train()

@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import StepTimer, sync
 from hypo import HyPOConfig, HyPOTrainer, PreferencePair, plugin, tokenize_pairs
-from transformers import LlamaConfig, TrainerCallback
+from transformers import LlamaConfig
 
 from klcore.plugins import build_plugin_manager
 from klcore.toy import char_tokenizer, tiny_causal_lm, tiny_config
@@ -58,27 +59,14 @@ def _time_klcore(model, tok, data, args, kl_coef: float, tmp: Path) -> list[floa
     trainer = HyPOTrainer(model, tok, data, cfg, run_dir=tmp / f"hypo-{kl_coef}", plugins=plugins)
     times = []
     for step in range(cfg.steps):
-        _sync(args.device)
+        sync(args.device)
         start = time.perf_counter()
         batch, _ = trainer.collect(step)
         trainer.update(batch)
-        _sync(args.device)
+        sync(args.device)
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     return times
-
-
-class _StepTimer(TrainerCallback):
-    def __init__(self, device: str) -> None:
-        self.device, self.times, self._start = device, [], 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        _sync(self.device)
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        _sync(self.device)
-        self.times.append(time.perf_counter() - self._start)
 
 
 def _time_trl(model, tok, pairs, args, tmp: Path) -> list[float] | None:  # type: ignore[no-untyped-def]
@@ -93,17 +81,12 @@ def _time_trl(model, tok, pairs, args, tmp: Path) -> list[float] | None:  # type
         learning_rate=1e-5, precompute_ref_log_probs=True, report_to=[], logging_steps=10_000, save_strategy="no",
         use_cpu=args.device == "cpu", bf16=args.bf16, dataloader_drop_last=True, disable_tqdm=True,
     )
-    timer = _StepTimer(args.device)
+    timer = StepTimer(args.device)
     trainer = DPOTrainer(
         model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[timer]
     )
     trainer.train()
     return timer.times[args.warmup :]
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main() -> None:
