@@ -33,8 +33,9 @@ def test_matches_trl_dpo_trainer(kind: str, tokenizer, tmp_path, monkeypatch) ->
     trainer.model.eval()
     trl_loss = float(trainer.compute_loss(trainer.model, next(iter(trainer.get_train_dataloader()))))
 
-    # TRL tokenizes "prompt" and "completion <eos>" with no BOS
-    data = tokenize_pairs([PreferencePair(**r) for r in ROWS], tokenizer, add_bos=False)
+    # TRL tokenizes "prompt" with the tokenizer's special tokens (the toy one adds BOS, as Llama's does)
+    # and "completion <eos>" without
+    data = tokenize_pairs([PreferencePair(**r) for r in ROWS], tokenizer, add_bos=True)
     pc, pr = compute_reference_logps(model, data)
     rc, rr = compute_reference_logps(ref, data)
     ours, _ = dpo_loss(
