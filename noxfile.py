@@ -197,7 +197,7 @@ def lock(session: nox.Session) -> None:
     spec.write_text("\n".join([*(f"-e {_with_extras(p)}" for p in PACKAGES), TORCH, *TOOLS]) + "\n")
     names = [tomllib.loads((ROOT / p / "pyproject.toml").read_text())["project"]["name"] for p in PACKAGES]
     session.run("uv", "pip", "compile", str(spec), "--output-file", CONSTRAINTS, "--python-version", "3.11",
-                "--custom-compile-command", "nox -s lock", "--no-annotate", "--quiet",
+                "--custom-compile-command", "nox -s lock", "--no-annotate", "--quiet", "--upgrade",
                 *[arg for name in names for arg in ("--no-emit-package", name)], external=True)
 
 
