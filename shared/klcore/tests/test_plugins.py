@@ -216,3 +216,17 @@ def test_enable_rejects_bad_objects_and_options() -> None:
     plugins.enable("regulariser", "fine")
     with pytest.raises(PluginError):
         plugins.enable("regulariser", "fine")
+
+
+def test_builtin_plugin_loads_without_transformers() -> None:
+    """klcore without its [lm] extra (what dkm installs): every built-in component still registers."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["transformers"] = None  # importing it now fails, as when it is not installed
+        from klcore.plugins import build_plugin_manager
+        plugins = build_plugin_manager(load_entrypoints=False)
+        assert not plugins.failures, plugins.failures
+        print(sorted(plugins.registry("recipe")), sorted(plugins.registry("reward")), sorted(plugins.registry("task")))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "'grpo'" in out and "'math_verify'" in out and "'reasoning_gym'" in out

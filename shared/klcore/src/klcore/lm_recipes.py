@@ -20,12 +20,11 @@ from typing import Any
 
 import torch
 
-from klcore.data import DataConfig, PromptDataset, load_prompts, padding_id, score_completions
+from klcore.data import DataConfig, PromptDataset, encode_prompt, load_prompts, padding_id, score_completions
 from klcore.errors import ConfigError, DataError
 from klcore.models import SAVE_MODES, ModelConfig, load_causal_lm, save_final
 from klcore.plugins import Plugins, build_plugin_manager
 from klcore.rollout import pass_at_k, sample
-from klcore.toy.warmup import encode_prompts
 from klcore.trainer.config import GRPOConfig
 
 EVAL_SPLITS = ("test", "train", "all")
@@ -171,7 +170,8 @@ def pass_at_k_report(model: torch.nn.Module, tokenizer: Any, task: Any, config: 
     n, per_prompt, rewards = config.samples, {k: [] for k in config.ks}, []  # type: ignore[var-annotated]
     for start in range(0, len(prompts), config.prompts_per_batch):
         chunk = prompts[start : start + config.prompts_per_batch]
-        roll = sample(model, encode_prompts(tokenizer, chunk), group_size=n, max_new_tokens=config.max_new_tokens,
+        roll = sample(model, [encode_prompt(tokenizer, p) for p in chunk], group_size=n,
+                      max_new_tokens=config.max_new_tokens,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=padding_id(tokenizer),
                       temperature=config.temperature or 1.0, top_p=config.top_p, greedy=config.temperature == 0,
                       generator=gen)
