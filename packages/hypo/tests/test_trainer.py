@@ -182,3 +182,55 @@ def test_micro_batches_sum_to_the_full_batch_gradient(tmp_path: Path, tokenizer,
     parts = [trainer.compute_loss({k: v[s : s + 2] for k, v in batch.items()}, counts)[0] for s in (0, 2)]
     for g, e in zip(torch.autograd.grad(sum(parts), params), full_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def _lora_model_away_from_base():  # type: ignore[no-untyped-def]
+    """A LoRA-wrapped tiny model whose adapters are moved off zero (so policy != base), and its base copy."""
+    import copy
+
+    from klcore.models import LoraConfig, add_lora
+
+    base = _model()
+    frozen_base = copy.deepcopy(base).eval()
+    model = add_lora(base, LoraConfig(r=4, alpha=8))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return model, frozen_base
+
+
+def test_lora_reference_is_the_adapter_disabled_base(tmp_path: Path, tokenizer, pairs, plugins) -> None:  # type: ignore[no-untyped-def]
+    """With a peft policy and no ref_model, the offline and online references are the base model's
+    log-probs (adapters off), not a copy of the adapted policy."""
+    from hypo.forward import completion_logprobs_chunked
+
+    model, base = _lora_model_away_from_base()
+    trainer = HyPOTrainer(model, tokenizer, pairs, _config(kl_coef=0.5), run_dir=tmp_path, plugins=plugins)
+    assert trainer.ref_is_base and trainer.ref_model is None  # no second model in memory
+    with torch.no_grad():
+        want_c = torch.stack([_manual_seq_logp(base, tokenizer, p.prompt, p.chosen) for p in PAIRS])
+        policy_c = torch.stack([_manual_seq_logp(model, tokenizer, p.prompt, p.chosen) for p in PAIRS])
+    assert (policy_c - want_c).abs().max() > 1e-2  # the adapters matter, so the check below can fail
+    torch.testing.assert_close(trainer.ref_chosen.double(), want_c, rtol=1e-5, atol=1e-5)
+    batch, metrics = trainer.collect(0)
+    rows = {k: batch[f"online_{k}"].flatten(0, 1) for k in ("input_ids", "attention_mask", "position_ids",
+                                                           "responses", "response_mask")}
+    torch.testing.assert_close(
+        batch["online_ref_log_prob"].flatten(0, 1), completion_logprobs_chunked(base, rows, 64), rtol=1e-5, atol=1e-5
+    )
+    assert abs(metrics["kl/online_sampled"]) > 1e-3
+    assert any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)  # adapters back on
+
+
+def test_reference_under_the_policys_autocast_gives_zero_at_step_0(tmp_path: Path, tokenizer, pairs, plugins) -> None:  # type: ignore[no-untyped-def]
+    """bf16 mixed precision: the reference is scored under the same autocast as the policy, so at step 0
+    (policy = reference) the DPO rewards and the online log-ratio are exactly 0."""
+    cfg = _config(kl_coef=0.5, mixed_precision="bf16")
+    trainer = HyPOTrainer(_model(), tokenizer, pairs, cfg, run_dir=tmp_path, plugins=plugins)
+    batch, metrics = trainer.collect(0)
+    assert metrics["kl/online_sampled"] == pytest.approx(0.0, abs=1e-6)
+    _, step_metrics, _ = trainer.compute_loss(batch, hypo_counts(batch))
+    assert step_metrics["kl/online"] == 0.0
+    assert step_metrics["rewards/margin"] == 0.0 and step_metrics["rewards/accuracy"] == 0.0

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from hypo.online_kl import rloo_kl_surrogate, sequence_log_ratio
 from hypo.reference import reference_logps
 from klcore.data import padding_id
 from klcore.errors import ConfigError
+from klcore.models import adapters_disabled, is_peft_model
 from klcore.plugins import Plugins
 from klcore.reduce import GlobalCounts
 from klcore.rollout import Rollout, position_ids, sample
@@ -59,8 +61,10 @@ class HyPOTrainer(Trainer):
     """HyPO (Song et al. 2024) on klcore's accelerate loop; ``config.kl_coef = 0`` is DPO.
 
     ``pairs``: the tokenized offline pairs. ``ref_model`` (default: a frozen copy of ``model`` at
-    construction) gives the offline reference log-probs once (cached in ``config.ref_cache``) and is
-    kept afterwards only for the online term and validation. ``eval_prompts`` (token-id lists) are
+    construction; for a peft model the model itself with its adapters switched off, no copy) gives the
+    offline reference log-probs once (cached in ``config.ref_cache``) and is kept afterwards only for the
+    online term and validation. Reference log-probs are taken under the accelerator's autocast, as the
+    policy's are, so at step 0 (policy = reference) every log-ratio is exactly 0 under mixed precision. ``eval_prompts`` (token-id lists) are
     sampled ``eval_samples`` times each for ``eval/reverse_kl`` (sequence KL(π ‖ π_ref), k1 estimate)
     and ``eval/length_mean``; with ``reward_fn(prompt_text, completion_text)`` also ``eval/reward``.
     """
@@ -91,7 +95,11 @@ class HyPOTrainer(Trainer):
             for module in model.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
-        ref = (ref_model if ref_model is not None else copy.deepcopy(model)).eval().requires_grad_(False)
+        #: the reference is the LoRA model's base, its adapters switched off (no second copy), as TRL does
+        self.ref_is_base = ref_model is None and is_peft_model(model)
+        ref = None
+        if not self.ref_is_base:
+            ref = (ref_model if ref_model is not None else copy.deepcopy(model)).eval().requires_grad_(False)
         super().__init__(model, config, run_dir=run_dir, plugins=plugins, accelerator=accelerator, optimizer=optimizer)
         self.config: HyPOConfig = config
         self.tokenizer = tokenizer
@@ -100,19 +108,33 @@ class HyPOTrainer(Trainer):
         self.reward_fn = reward_fn
         self.max_new_tokens = config.max_new_tokens or int(pairs.chosen_ids.shape[1])
         acc = self.accelerator
-        ref.to(acc.device)
-        cache = Path(config.ref_cache) if config.ref_cache else self.run_dir / "ref_logps.safetensors"
-        if acc.is_main_process:
-            self.ref_chosen, self.ref_rejected = reference_logps(
-                ref, pairs, cache_path=cache, batch_size=config.ref_batch_size
-            )
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            self.ref_chosen, self.ref_rejected = reference_logps(
-                ref, pairs, cache_path=cache, batch_size=config.ref_batch_size
-            )
         needs_ref = config.kl_coef > 0 or bool(self.eval_prompts)
-        self.ref_model: nn.Module | None = ref if needs_ref else None
+        self.ref_model: nn.Module | None = ref.to(acc.device) if ref is not None else None
+        cache = Path(config.ref_cache) if config.ref_cache else self.run_dir / "ref_logps.safetensors"
+        for main in (True, False):  # the main process writes the cache, then the others read it
+            if acc.is_main_process == main:
+                with self._reference() as reference:
+                    self.ref_chosen, self.ref_rejected = reference_logps(
+                        reference, pairs, cache_path=cache, batch_size=config.ref_batch_size
+                    )
+            if main:
+                acc.wait_for_everyone()
+        if not needs_ref:
+            self.ref_model = None
+            self.ref_is_base = False
+
+    @contextlib.contextmanager
+    def _reference(self) -> Iterator[nn.Module]:
+        """The reference policy to call, under the policy's autocast: the frozen copy, or the prepared model
+        with its adapters off."""
+        with self.accelerator.autocast():
+            if self.ref_is_base:
+                with adapters_disabled(self.unwrapped_model):
+                    yield self.model
+            elif self.ref_model is not None:
+                yield self.ref_model
+            else:
+                raise ConfigError("this trainer keeps no reference model (kl_coef = 0 and no eval_prompts)")
 
     # --- collection -----------------------------------------------------------------------------
 
@@ -152,9 +174,8 @@ class HyPOTrainer(Trainer):
         }
 
     def _ref_logprobs(self, fields: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.ref_model is None:
-            raise ConfigError("this trainer keeps no reference model (kl_coef = 0 and no eval_prompts)")
-        return completion_logprobs_chunked(self.ref_model, fields, self.config.micro_batch_size or 256)
+        with self._reference() as reference:
+            return completion_logprobs_chunked(reference, fields, self.config.micro_batch_size or 256)
 
     # --- loss -------------------------------------------------------------------------------------
 
