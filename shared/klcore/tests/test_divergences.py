@@ -575,3 +575,17 @@ def test_float32_inputs_are_left_untouched(fn) -> None:
     p, q = p0.clone().requires_grad_(), q0.clone().requires_grad_()
     fn(p, q).sum().backward()
     assert torch.equal(p.detach(), p0) and torch.equal(q.detach(), q0)
+
+
+@pytest.mark.parametrize("fn", [reverse_kl, lambda s, t: generalized_jsd(s, t, 0.3)])
+def test_a_retained_graph_gives_the_same_gradient_twice(fn) -> None:  # type: ignore[no-untyped-def]
+    """The gradients stored in forward are scaled out of place: a second backward sees them unchanged."""
+    torch.manual_seed(0)
+    s = torch.randn(5, 40, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(5, 40, dtype=torch.bfloat16, requires_grad=True)
+    weights = torch.linspace(0.5, 2.0, 5)
+    value = (fn(s, t) * weights).sum()
+    first = torch.autograd.grad(value, (s, t), retain_graph=True)
+    second = torch.autograd.grad(value, (s, t))
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b) and a.abs().sum() > 0

@@ -23,9 +23,13 @@ DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 17, "accelerator": 1 << 23}
 RowFn = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
 
 
-def rows_per_chunk(vocab: int, chunk_size: int | None, device: torch.device) -> int:
+def rows_per_chunk(
+    vocab: int, chunk_size: int | None, device: torch.device, *, elements: dict[str, int] | None = None
+) -> int:
+    """Rows per chunk: ``chunk_size``, or the float32 element budget (``elements``, default
+    ``DEFAULT_CHUNK_ELEMENTS``) of the device kind divided by ``vocab``."""
     if chunk_size is None:
-        budget = DEFAULT_CHUNK_ELEMENTS["cpu" if device.type == "cpu" else "accelerator"]
+        budget = (elements or DEFAULT_CHUNK_ELEMENTS)["cpu" if device.type == "cpu" else "accelerator"]
         return max(1, budget // max(vocab, 1))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ConfigError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
