@@ -152,3 +152,70 @@ def test_teacher_rollout_steps_use_the_teachers_completions(tmp_path):
     assert trainer.collect(1)[1]["rollout/teacher_samples"] == 0.0
     with pytest.raises(ConfigError, match="teacher_rollout_steps"):
         _config(loss="opd_reinforce", teacher_rollout_steps=3)
+
+
+def _paced_trainer(run_dir, **kw):
+    student, teacher = _models()
+    cfg = _config(loss="full_reverse_kl", steps=4, checkpoint_every=2, paced=PacedConfig(weighting="hard_filter",
+                  samples=3), **kw)
+    return DistillTrainer(student, teacher, char_tokenizer(), get_task("addition", digits=1), cfg, run_dir=run_dir)
+
+
+def test_a_resumed_run_keeps_the_pass_rates_and_equals_the_uninterrupted_one(tmp_path):
+    """The pass rates are estimated once (every=0) at step 0 and travel in the checkpoint: the resumed
+    steps weight their problems as the uninterrupted run's do (not with the 0.5 placeholder)."""
+    import json
+
+    full = _paced_trainer(tmp_path / "full")
+    full.train()
+    part = _paced_trainer(tmp_path / "part")
+    part.config.steps = 2
+    part.train()
+    assert (tmp_path / "part" / "checkpoints" / "step-00000002" / "trainer_extra_0.pt").is_file()
+    resumed = _paced_trainer(tmp_path / "part", resume=True, seed=7)  # seed 7: its own draws would differ
+    assert resumed.resume() and torch.equal(resumed.pass_rates, full.pass_rates)
+    resumed.config.seed = full.config.seed
+    resumed.train()
+
+    def rows(folder):
+        return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    keys = ("paced/weight_mean", "paced/weight_zero_frac", "paced/batch_pass_rate", "loss/objective")
+    for want, got in zip(rows(tmp_path / "full")[2:], rows(tmp_path / "part")[2:], strict=True):
+        assert want["step"] == got["step"]
+        for key in keys:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+
+
+def test_all_zero_paced_weights_warn_once_and_are_counted(tmp_path):
+    student, teacher = _models()
+    cfg = _config(steps=2, loss="full_forward_kl", paced=PacedConfig(weighting="paced", samples=3))
+    trainer = DistillTrainer(student, teacher, char_tokenizer(), AlwaysRight(get_task("addition", digits=1)), cfg,
+                             run_dir=tmp_path)
+    with pytest.warns(UserWarning, match="every PACED weight") as caught:
+        history = trainer.train()
+    assert len([w for w in caught if "every PACED weight" in str(w.message)]) == 1
+    assert [h["paced/all_weights_zero"] for h in history] == [1.0, 1.0]
+    unweighted = DistillTrainer(*_models(), char_tokenizer(), get_task("addition", digits=1), _config(steps=1),
+                                run_dir=tmp_path / "b")
+    assert unweighted.train()[0]["paced/all_weights_zero"] == 0.0
+
+
+@pytest.mark.parametrize("loss", ["opd_reinforce", "opd_ppo"])
+def test_sampled_token_objectives_refuse_a_temperature(loss):
+    with pytest.raises(ConfigError, match=r"temperature=0\.7"):
+        _config(loss=loss, temperature=0.7)
+    with pytest.raises(ConfigError, match="temperature"):
+        _config(loss="full_forward_kl", then_loss=loss, switch_step=2, temperature=0.7)
+    _config(loss="full_reverse_kl", temperature=0.7)  # a full-vocabulary objective scores every token
+
+
+def test_reinforce_refuses_stale_updates_and_ppo_takes_them():
+    from opd_distill import EnvDistillConfig
+
+    for kw in ({"ppo_epochs": 2}, {"mini_batches": 2}):
+        with pytest.raises(ConfigError, match="importance weights"):
+            _config(loss="opd_reinforce", **kw)
+        with pytest.raises(ConfigError, match="importance weights"):
+            EnvDistillConfig(loss="opd_reinforce", **kw)
+        _config(loss="opd_ppo", **kw)

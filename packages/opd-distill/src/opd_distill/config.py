@@ -26,6 +26,35 @@ def _check_common(cfg: TrainerConfig, names: tuple[str, ...]) -> None:
         raise ConfigError(f"then_loss={cfg.then_loss!r} needs switch_step >= 1, got {cfg.switch_step}")  # type: ignore[attr-defined]
     if not cfg.temperature > 0:  # type: ignore[attr-defined]
         raise ConfigError(f"temperature must be > 0, got {cfg.temperature}")  # type: ignore[attr-defined]
+    _check_sampled_objectives(cfg)
+
+
+#: objectives whose gradient is a score-function estimate on the student's own samples
+SAMPLED = ("opd_reinforce", "opd_ppo")
+
+
+def _check_sampled_objectives(cfg: TrainerConfig) -> None:
+    """Refuse settings under which the sampled-token objectives estimate a biased gradient.
+
+    Their expected gradient is grad -KL(S || T) only if the samples come from S itself: samples drawn
+    at a temperature != 1 come from S_tau while the log-probs (and the KL) are S's, and REINFORCE on
+    samples from before an earlier update of the same step is off-policy without importance weights
+    (``opd_ppo`` carries them in its ratio; ``opd_reinforce`` does not).
+    """
+    used = {cfg.loss, cfg.then_loss} & set(SAMPLED)  # type: ignore[attr-defined]
+    temperature = float(cfg.temperature)  # type: ignore[attr-defined]
+    if used and temperature != 1.0:
+        raise ConfigError(
+            f"temperature={temperature} with {sorted(used)}: the samples would come from S at that temperature "
+            "while the objective scores S itself, which biases the gradient of KL(S || T); use temperature=1.0 "
+            "with a sampled-token objective, or a full-vocabulary objective (full_reverse_kl, ...) at any temperature"
+        )
+    if "opd_reinforce" in used and (cfg.ppo_epochs > 1 or cfg.mini_batches > 1):
+        raise ConfigError(
+            f"opd_reinforce with ppo_epochs={cfg.ppo_epochs}, mini_batches={cfg.mini_batches}: every update after "
+            "the first would run REINFORCE on samples from an older student without importance weights; use "
+            "ppo_epochs=1 and mini_batches=1 (accumulate with micro_batch_size), or opd_ppo, whose ratio corrects it"
+        )
     for name in ("switch_step", "chunk_size", "eval_every"):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:

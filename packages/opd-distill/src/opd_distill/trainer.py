@@ -7,6 +7,7 @@ update with the configured objective, weighted per problem. Runs on klcore's acc
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from klcore.data import padding_id
-from klcore.errors import UnsupportedModelError
+from klcore.errors import CheckpointError, UnsupportedModelError
 from klcore.logprobs import token_logprobs
 from klcore.plugins import Plugins
 from klcore.rollout import forward_accepts, sample
@@ -93,6 +94,20 @@ class DistillTrainer(DistillLoop):
             config.problem_pool, generator=torch.Generator().manual_seed(config.seed), split="train"
         )
         self.pass_rates = torch.full((len(self.pool),), 0.5)  # replaced by estimates when weighting is on
+        self._warned_zero_weights = False
+
+    def extra_state(self) -> dict[str, Any]:
+        """The pool's pass rates: a resumed run weights its problems as the uninterrupted one does."""
+        return {"pass_rates": self.pass_rates.clone()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        rates = state.get("pass_rates")
+        if not isinstance(rates, torch.Tensor) or rates.shape != self.pass_rates.shape:
+            raise CheckpointError(
+                f"the checkpoint's PACED pass rates are {getattr(rates, 'shape', rates)!r} but this run's pool holds "
+                f"{len(self.pool)} problems; resume with the config that wrote the checkpoint (problem_pool, seed)"
+            )
+        self.pass_rates = rates.float()
 
     def _sample(self, problems: list, group: int, gen: torch.Generator, model: nn.Module | None = None):
         tok = self.tokenizer
@@ -138,6 +153,15 @@ class DistillTrainer(DistillLoop):
         roll = self._sample(problems, g, gen, self.teacher if teacher_writes else None)
         success = self._verify(problems, roll.responses, g)
         weights = cfg.paced.weights(self.pass_rates[idx]).repeat_interleave(g)
+        all_zero = cfg.paced.weighting != "none" and not bool((weights > 0).any())
+        if all_zero and not self._warned_zero_weights:
+            self._warned_zero_weights = True
+            warnings.warn(
+                f"step {step}: every PACED weight of the batch is 0 (weighting={cfg.paced.weighting!r}: every drawn "
+                "problem has pass rate 0 or 1), so the loss and its gradient are 0; metric paced/all_weights_zero "
+                "counts such steps. A warmer student, more samples per pass rate or weighting='none' gives signal",
+                stacklevel=2,
+            )
         batch: Batch = {
             "input_ids": roll.input_ids,
             "attention_mask": roll.attention_mask,
@@ -159,6 +183,7 @@ class DistillTrainer(DistillLoop):
                 "paced/weight_mean": float(weights.mean()),
                 "paced/weight_zero_frac": float((weights == 0).float().mean()),
                 "paced/weight_max": float(weights.max()),
+                "paced/all_weights_zero": float(all_zero),
                 "response/length_mean": float(roll.response_mask.sum(1).float().mean()),
             }
         )

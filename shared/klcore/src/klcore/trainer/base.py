@@ -125,6 +125,17 @@ class Trainer(abc.ABC):
         last update (logged with a ``_final`` suffix). Default: none."""
         return {}
 
+    def extra_state(self) -> dict[str, Any]:
+        """This process's trainer state beyond model, optimiser, scheduler, RNG and plugins (tensors and
+        plain values, for ``torch.load(weights_only=True)``), saved in every checkpoint so a resumed run
+        equals the uninterrupted one. Default: none."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``extra_state`` returned, on resume (before the first resumed step). Default: a
+        subclass without extra state has nothing to restore."""
+        del state
+
     # --- the loop ------------------------------------------------------------------------------
 
     @property
@@ -272,6 +283,7 @@ class Trainer(abc.ABC):
             tmp.mkdir(parents=True)  # before the barrier: every rank writes its RNG state into it
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        torch.save(self.extra_state(), tmp / _extra_state_file(acc.process_index))
         states = self.plugins.call_each("klcore_save_checkpoint", trainer=self, step=self.step)
         acc.wait_for_everyone()  # every rank's files are in tmp before rank 0 renames it
         if acc.is_main_process:
@@ -288,6 +300,9 @@ class Trainer(abc.ABC):
             return False
         self.accelerator.load_state(str(path))
         self.step = int(json.loads((path / "trainer_state.json").read_text())["step"])
+        extra_file = path / _extra_state_file(self.accelerator.process_index)
+        if extra_file.exists():
+            self.load_extra_state(torch.load(extra_file, weights_only=True))
         plugin_file = path / "klcore_plugins.pt"
         states = torch.load(plugin_file, weights_only=True) if plugin_file.exists() else {}
         for impl in self.plugins.hook.klcore_load_checkpoint.get_hookimpls():
@@ -300,6 +315,11 @@ class Trainer(abc.ABC):
         else:
             self.history = [r for r in self.metrics_log.read() if r.get("step", 0) < self.step]
         return True
+
+
+def _extra_state_file(rank: int) -> str:
+    """Checkpoint file of one process's ``Trainer.extra_state``."""
+    return f"trainer_extra_{rank}.pt"
 
 
 #: Key under which the process group's own distributed type is remembered in accelerate's PartialState.

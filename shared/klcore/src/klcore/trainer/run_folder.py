@@ -5,6 +5,7 @@ Layout::
     RUN/config.json                 the resolved config
     RUN/metrics.jsonl               one JSON object per logged step ({"step": s, "area/name": value})
     RUN/checkpoints/step-00000012/  accelerate state + trainer_state.json + klcore_plugins.pt
+                                    + trainer_extra_<rank>.pt (Trainer.extra_state)
     RUN/checkpoints/latest          name of the newest complete checkpoint
 
 A checkpoint is written under a temporary name and renamed when complete, and ``latest`` is
