@@ -117,3 +117,58 @@ def test_fingerprint_changes_with_data() -> None:
     b = tokenize_pairs([PreferencePair("1=", "1", "3")], tok)
     assert a.fingerprint() == tokenize_pairs([PreferencePair("1=", "1", "2")], tok).fingerprint()
     assert a.fingerprint() != b.fingerprint()
+
+
+def test_json_array_with_a_bom_and_a_parquet_file(tmp_path: Path) -> None:
+    rows = [{"prompt": "1+2=", "chosen": "3", "rejected": "4"}, {"prompt": "2+2=", "chosen": "4", "rejected": "5"}]
+    path = tmp_path / "pairs.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())  # what Windows editors write
+    want = [PreferencePair("1+2=", "3", "4"), PreferencePair("2+2=", "4", "5")]
+    assert load_preference_pairs(path) == want
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    assert load_preference_pairs(jsonl) == want
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    assert load_preference_pairs(tmp_path / "pairs.parquet") == want
+
+
+def test_implicit_prompt_text_rows_share_the_prompt_up_to_a_word() -> None:
+    rows = [{"chosen": "Question: two plus two? Answer: four", "rejected": "Question: two plus two? Answer: five"}]
+    (pair,) = load_preference_pairs(rows)
+    assert pair == PreferencePair("Question: two plus two? Answer: ", "four", "five")
+    with pytest.raises(DataError, match="share no prompt"):
+        load_preference_pairs([{"chosen": "yes", "rejected": "no"}])
+
+
+def _chat_rendering(messages, generation_prompt: bool) -> str:
+    """The toy template's rendering, written out by hand to check the loader against."""
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if generation_prompt else "")
+
+
+def test_conversational_rows_explicit_and_implicit_through_the_chat_template() -> None:
+    from klcore.toy.tokenizer import chat_tokenizer
+
+    tok = chat_tokenizer()
+    prompt = [{"role": "user", "content": "1+2?"}]
+    good, bad = [{"role": "assistant", "content": "3"}], [{"role": "assistant", "content": "4"}]
+    explicit = load_preference_pairs([{"prompt": prompt, "chosen": good, "rejected": bad}], tokenizer=tok)
+    implicit = load_preference_pairs([{"chosen": prompt + good, "rejected": prompt + bad}], tokenizer=tok)
+    head = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert head == _chat_rendering(prompt, True)
+    want = PreferencePair(head, "3<|im_end|>\n", "4<|im_end|>\n", templated=True)
+    assert explicit == implicit == [want]
+    data = tokenize_pairs(explicit, tok)
+    row = data.prompts(torch.arange(1))[0]
+    assert row == tok(head, add_special_tokens=False)["input_ids"]  # no BOS: the template brings its tokens
+    assert data.chosen_ids[0, data.chosen_mask[0]].tolist() == [*tok.encode("3<|im_end|>\n"), tok.eos_token_id]
+    with pytest.raises(ConfigError, match="chat_template"):
+        load_preference_pairs([{"prompt": prompt, "chosen": good, "rejected": bad}])
+    with pytest.raises(DataError, match="same messages"):
+        load_preference_pairs([{"chosen": prompt + good, "rejected": [{"role": "user", "content": "x"}, *bad]}],
+                              tokenizer=tok)
+    with pytest.raises(DataError, match="must be one too"):
+        load_preference_pairs([{"prompt": prompt, "chosen": "3", "rejected": bad}], tokenizer=tok)

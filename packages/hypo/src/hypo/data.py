@@ -1,4 +1,4 @@
-"""Preference pairs (prompt, chosen, rejected): loading from JSONL or ``datasets``, checks, tokenization.
+"""Preference pairs (prompt, chosen, rejected): loading (TRL's formats, files or ``datasets``), checks, tokenization.
 
 Token layout of a tokenized pair set (the layout of ``klcore.rollout.Rollout``): prompts left-padded to
 a common width P, completions right-padded to a common width R, so ``[prompt | completion]`` rows of
@@ -8,7 +8,6 @@ width P + R feed ``klcore.trainer.policy_forward`` directly.
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from klcore.data import FILE_SUFFIXES, read_rows
 from klcore.errors import ConfigError, DataError
 from klcore.rollout import left_pad, position_ids
 
@@ -30,45 +30,80 @@ class PreferencePair:
     prompt: str
     chosen: str
     rejected: str
+    #: rendered by a chat template (which brings its own special tokens: no BOS is added)
+    templated: bool = False
 
 
-def _rows_from_jsonl(path: Path) -> list[Mapping[str, Any]]:
-    rows: list[Mapping[str, Any]] = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n} is not valid JSON ({exc.msg}); write one JSON object per line") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n} holds a {type(row).__name__}, expected a JSON object per line")
-            rows.append(row)
-    return rows
-
-
-def _rows_from_source(source: Any, split: str) -> Iterable[Mapping[str, Any]]:
+def _rows_from_source(source: Any, split: str) -> Iterable[tuple[str, Any]]:
+    """``(where, row)`` pairs: a local file through ``klcore.data.read_rows``, a ``datasets`` name or
+    folder, a ``DatasetDict`` / dict of splits, or any iterable of rows."""
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if path.suffix in (".jsonl", ".json"):
-            if not path.is_file():
-                raise DataError(f"preference file {str(path)!r} does not exist; pass an existing JSONL file")
-            return _rows_from_jsonl(path)
+        if path.suffix in FILE_SUFFIXES:
+            return read_rows(path)
         try:
             import datasets
         except ImportError as exc:
             raise ConfigError(
                 f"loading {str(source)!r} needs the `datasets` package: pip install 'hypo[datasets]', "
-                "or pass a .jsonl file"
+                f"or pass a {'/'.join(FILE_SUFFIXES)} file"
             ) from exc
         try:
-            return datasets.load_dataset(str(source), split=split)  # type: ignore[no-any-return]
+            ds = datasets.load_dataset(str(source), split=split)
         except (FileNotFoundError, ValueError) as exc:
             raise DataError(f"could not load dataset {str(source)!r} (split {split!r}): {exc}") from exc
+        return ((f"{source}[{split}]:{i}", row) for i, row in enumerate(ds))
     if isinstance(source, Mapping) and split in source:  # a datasets.DatasetDict or a plain dict of splits
-        return source[split]  # type: ignore[no-any-return]
-    return source  # type: ignore[no-any-return]
+        source = source[split]
+    return ((f"row {i}", row) for i, row in enumerate(source))
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in value)
+
+
+def _implicit_prompt(chosen: Any, rejected: Any, where: str) -> tuple[Any, Any, Any]:
+    """Split an implicit-prompt pair into (prompt, chosen, rejected). Conversational: every message
+    but the last is the prompt and must be shared. Text: the longest common prefix, cut back to the
+    last whitespace in it so that both completions start at a word."""
+    if _is_messages(chosen) and _is_messages(rejected):
+        if len(chosen) < 2 or chosen[:-1] != rejected[:-1]:
+            raise DataError(
+                f"{where}: an implicit-prompt conversational pair needs the same messages before the last one in "
+                "chosen and rejected (the shared prompt); give an explicit prompt column instead"
+            )
+        return chosen[:-1], chosen[-1:], rejected[-1:]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        cut = max(chosen.rfind(c, 0, n) for c in " \n\t") + 1
+        if cut == 0:
+            raise DataError(f"{where}: chosen and rejected share no prompt (no common text up to a space)")
+        return chosen[:cut], chosen[cut:], rejected[cut:]
+    raise DataError(f"{where}: chosen and rejected must both be text or both be message lists")
+
+
+def _render(prompt: Any, chosen: Any, rejected: Any, tokenizer: Any, where: str) -> tuple[str, str, str]:
+    """Text of a conversational pair through the tokenizer's chat template: the prompt with the
+    generation prompt, each completion as what the template appends after it."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"{where} is conversational (lists of messages); pass tokenizer= with a chat_template to render it"
+        )
+    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    tails = []
+    for role, completion in (("chosen", chosen), ("rejected", rejected)):
+        if not _is_messages(completion):
+            raise DataError(f"{where}: the prompt is a message list, so {role} must be one too")
+        full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        if not full.startswith(head):
+            raise DataError(
+                f"{where}: the chat template renders prompt + {role} without the rendered prompt as its prefix, "
+                "so the completion cannot be separated; apply the template yourself and pass text"
+            )
+        tails.append(full[len(head):])
+    return head, tails[0], tails[1]
 
 
 def load_preference_pairs(
@@ -78,44 +113,58 @@ def load_preference_pairs(
     chosen_column: str = "chosen",
     rejected_column: str = "rejected",
     split: str = "train",
+    tokenizer: Any = None,
 ) -> list[PreferencePair]:
-    """Read and check preference pairs.
+    """Read and check preference pairs in TRL's preference formats.
 
-    ``source``: a ``.jsonl`` path (one JSON object per line), a ``datasets`` name or local folder
-    (``load_dataset(source, split=split)``), a ``datasets.Dataset`` / ``DatasetDict`` (its ``split``), or
-    any iterable of mappings. Every row needs the three columns as non-empty strings with
-    ``chosen != rejected``; a bad row raises ``DataError`` naming the row and the column.
+    ``source``: a ``.jsonl``/``.json`` (array or ``{"data": [...]}``)/``.parquet``/``.csv`` file (a UTF-8
+    BOM is fine), a ``datasets`` name or local folder (``load_dataset(source, split=split)``), a
+    ``datasets.Dataset`` / ``DatasetDict`` (its ``split``), or any iterable of mappings. Rows are
+    explicit (prompt, chosen, rejected) or implicit-prompt (chosen and rejected only, sharing the prompt),
+    as text or conversational (lists of ``{"role", "content"}`` messages, rendered with ``tokenizer``'s
+    chat template; such pairs are marked ``templated``). Completions must be non-empty and differ; a bad
+    row raises ``DataError`` naming the row and the column.
     """
-    columns = {"prompt": prompt_column, "chosen": chosen_column, "rejected": rejected_column}
     pairs: list[PreferencePair] = []
-    for i, row in enumerate(_rows_from_source(source, split)):
+    for where, row in _rows_from_source(source, split):
+        if isinstance(row, DataError):
+            raise DataError(f"{where}: {row}")
         if not isinstance(row, Mapping):
             raise DataError(
-                f"row {i} is a {type(row).__name__}, expected a mapping of column name to text "
+                f"{where} is a {type(row).__name__}, expected a mapping of column name to text "
                 "(pass a list of dicts, a datasets.Dataset or a .jsonl file)"
             )
-        values = {}
-        for role, column in columns.items():
+        for role, column in (("chosen", chosen_column), ("rejected", rejected_column)):
             if column not in row:
                 raise DataError(
-                    f"row {i} has no column {column!r} (the {role} column); it has {sorted(row)}. "
+                    f"{where} has no column {column!r} (the {role} column); it has {sorted(row)}. "
                     f"Pass {role}_column= with the right name"
                 )
-            value = row[column]
+        chosen, rejected = row[chosen_column], row[rejected_column]
+        if prompt_column in row:
+            prompt = row[prompt_column]
+        else:
+            prompt, chosen, rejected = _implicit_prompt(chosen, rejected, where)
+        templated = _is_messages(prompt)
+        if templated:
+            prompt, chosen, rejected = _render(prompt, chosen, rejected, tokenizer, where)
+        values = {}
+        for role, column, value in (("prompt", prompt_column, prompt), ("chosen", chosen_column, chosen),
+                                    ("rejected", rejected_column, rejected)):
             if not isinstance(value, str):
                 raise DataError(
-                    f"row {i} column {column!r} holds a {type(value).__name__}, expected a string "
-                    "(conversational message lists are not supported: apply the chat template first)"
+                    f"{where} column {column!r} holds a {type(value).__name__}, expected a string or, for "
+                    "conversational data, a list of {'role', 'content'} messages"
                 )
             if not value.strip():
-                raise DataError(f"row {i} column {column!r} is an empty string; drop the row or fill it")
+                raise DataError(f"{where} column {column!r} ({role}) is an empty string; drop the row or fill it")
             values[role] = value
         if values["chosen"] == values["rejected"]:
             raise DataError(
-                f"row {i} has identical chosen and rejected completions ({values['chosen'][:40]!r}); "
+                f"{where} has identical chosen and rejected completions ({values['chosen'][:40]!r}); "
                 "such a pair carries no preference: drop it"
             )
-        pairs.append(PreferencePair(**values))
+        pairs.append(PreferencePair(**values, templated=templated))
     if not pairs:
         raise DataError("the preference data holds no rows; pass at least one (prompt, chosen, rejected) row")
     return pairs
@@ -199,7 +248,7 @@ def tokenize_pairs(
     bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
     prompts, chosen, rejected, cut = [], [], [], 0
     for i, pair in enumerate(pairs):
-        prompt = bos + tokenizer.encode(pair.prompt, add_special_tokens=False)
+        prompt = ([] if pair.templated else bos) + tokenizer.encode(pair.prompt, add_special_tokens=False)
         room = max_length - len(prompt)
         if room < 1:
             raise DataError(

@@ -284,18 +284,26 @@ def _split_of(key: str, test_fraction: float) -> str:
 
 def _read_rows(config: DataConfig) -> Iterator[tuple[str, Any]]:
     path = Path(config.path)
-    if path.suffix in FILE_SUFFIXES or path.exists():
-        if not path.is_file():
-            raise DataError(f"data file {str(path)!r} does not exist")
-        readers = {".jsonl": _jsonl, ".json": _json, ".parquet": _parquet, ".csv": _csv}
-        if path.suffix not in readers:
-            raise DataError(f"{str(path)!r}: unknown file type; use one of {', '.join(FILE_SUFFIXES)}")
-        return readers[path.suffix](path)
+    if path.suffix in FILE_SUFFIXES or path.is_file():
+        return read_rows(path)
     return _hub(config)
 
 
+def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` for every row of a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file, ``where``
+    being ``file:line`` (``file:index`` for JSON arrays and parquet). Text files may start with a UTF-8
+    BOM. A JSONL line that is not JSON yields a ``DataError`` as its row, for the caller to report."""
+    file = Path(path)
+    readers = {".jsonl": _jsonl, ".json": _json, ".parquet": _parquet, ".csv": _csv}
+    if file.suffix not in readers:
+        raise DataError(f"{str(file)!r}: unknown file type; use one of {', '.join(FILE_SUFFIXES)}")
+    if not file.is_file():
+        raise DataError(f"data file {str(file)!r} does not exist")
+    return readers[file.suffix](file)
+
+
 def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -308,7 +316,7 @@ def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path.name}: not JSON ({exc.msg} at line {exc.lineno})") from exc
     if isinstance(data, Mapping) and isinstance(data.get("data"), list):
@@ -329,7 +337,7 @@ def _parquet(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         for number, row in enumerate(csv.DictReader(fh), start=2):  # line 1 is the header
             yield f"{path.name}:{number}", row
 
@@ -356,5 +364,6 @@ __all__ = [
     "load_prompts",
     "padding_id",
     "prompts_from_rows",
+    "read_rows",
     "score_completions",
 ]
