@@ -34,6 +34,7 @@ def test_hodge_toy_runs_at_a_tiny_size(tmp_path):
 
 
 def test_checkpoint_recipe_prunes_a_saved_model_that_reloads(tmp_path):
+    from hodgecover.redirect_checkpoint import load_redirected
     from hodgecover.toy_recipe import HodgeToyConfig, build_model, toy_text
 
     from klcore.toy import char_tokenizer
@@ -56,6 +57,14 @@ def test_checkpoint_recipe_prunes_a_saved_model_that_reloads(tmp_path):
     # resumable: a second run over the same folder reuses every barrier
     again = run_recipe(plugins, "hodgecover", out=out, overrides=[*overrides, "save=false"])
     assert again["barrier_evaluations"] == 0
+    # a redirected model (HC-SMoE binds slots) is saved as a stock E-slot checkpoint + redirect.pt
+    run_recipe(plugins, "hodgecover", out=out, overrides=[*overrides, "method=hc-smoe"])
+    stock = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    compact = load_redirected(out / "model").eval()
+    assert stock.config.num_local_experts == 6 and compact.model.layers[0].mlp.experts.num_experts == 3
+    ids = torch.randint(3, 40, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(compact(ids).logits, stock(ids).logits)
 
 
 def test_recipe_configs_reject_bad_values():

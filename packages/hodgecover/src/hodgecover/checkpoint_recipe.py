@@ -1,7 +1,9 @@
 """Recipe ``hodgecover``: compress a Hugging Face MoE checkpoint folder (``--set model=PATH --set ratio=0.5``).
 
 Barriers are cached in ``OUT/barriers.jsonl``: re-running with the same ``--out`` continues an interrupted run.
-The pruned model (with its tokenizer) is saved to ``OUT/model`` and loads with ``from_pretrained``.
+The compressed model (with its tokenizer) is saved to ``OUT/model`` and loads with ``from_pretrained``; a redirected
+one (``dropped=redirect`` or ``hc-smoe``) is saved as a stock checkpoint with one slot per original expert holding
+its survivor's weights, plus ``redirect.pt``, and ``load_redirected(OUT/model)`` gives back the compact model.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from hodgecover.calibration import perplexity, token_blocks
 from hodgecover.pipeline import METHODS, HodgeCoverConfig, analyze, apply_plan, plan
+from hodgecover.redirect_checkpoint import save_redirected
 from hodgecover.toy_recipe import toy_text
 from hodgecover.wanda import hybrid_sparsity, wanda_prune
 from klcore.errors import CheckpointError, ConfigError
@@ -92,13 +95,14 @@ def run(config: CheckpointConfig, run_dir: Path) -> dict[str, Any]:
     if held_out is not None:
         summary["eval/ppl_compressed"] = perplexity(model, held_out)
     summary["time_s"] = time.perf_counter() - t0
-    if config.save and chosen.redirect is None:
-        model.save_pretrained(run_dir / "model")
+    if config.save:
+        if chosen.redirect is None:
+            model.save_pretrained(run_dir / "model")
+        else:  # stock E-slot checkpoint (tied survivor weights) + redirect.pt for load_redirected
+            save_redirected(model, run_dir / "model")
+            summary["load_with"] = "hodgecover.load_redirected (compact) or from_pretrained (E slots, same logits)"
         tokenizer.save_pretrained(run_dir / "model")
         summary["saved_to"] = str(run_dir / "model")
-    elif config.save:
-        torch.save({k: v.cpu() for k, v in chosen.redirect.items()}, run_dir / "redirect.pt")  # type: ignore[union-attr]
-        summary["saved_to"] = "redirect.pt only: a redirected model is a module patch, not a stock checkpoint"
     plot_energy(analyses, run_dir / "energy.png")
     plot_filtration(analyses, run_dir / "filtration.png")
     rows = [[r["layer"], r["edges"], r["triangles"], r["tau_star"], r["energy/gradient"], r["energy/curl"],

@@ -35,7 +35,7 @@ from hodgecover.selection import (
     redirect_map,
     retained_mass,
 )
-from hodgecover.surgery import apply_redirect, merge_groups, prune_experts
+from hodgecover.surgery import apply_redirect, merge_groups, prune_experts, redirect_of_groups
 from klcore.errors import ConfigError
 
 METHODS = ("hodgecover", "no-triangle", "greedy-barrier", "reap", "frequency", "random", "hc-smoe")
@@ -51,7 +51,8 @@ class HodgeCoverConfig:
     ``filtration``: ``joint`` (edges and triangles enter at their barrier; default), ``triangles`` (all edges,
     triangles by barrier) or ``none`` (complete graph plus every candidate triangle). ``triplet_value``: ``raw``
     ``b_ijk`` or ``excess`` ``b_ijk - max(b_ij, b_ik, b_jk)``. ``dropped``: ``prune`` (delete router rows) or
-    ``redirect`` (keep rows, remap to the harmonic-weighted nearest survivor).
+    ``redirect`` (keep rows, remap to the harmonic-weighted nearest survivor). ``hc-smoe`` always binds each group
+    member's router slot to the merged expert, as its authors do.
     """
 
     triangle_cap: int = 500
@@ -218,7 +219,10 @@ def plan(
             out.groups = out.groups or {}
             out.groups[layer] = groups
             freq = a.stats.frequencies
-            out.keep[layer] = sorted(max(g, key=lambda i: (float(freq[i]), -i)) for g in groups)
+            reps = [max(g, key=lambda i: (float(freq[i]), -i)) for g in groups]
+            out.keep[layer] = sorted(reps)
+            out.redirect = out.redirect or {}
+            out.redirect[layer] = redirect_of_groups(a.num_experts, groups, reps)  # HC-SMoE binds member slots
         else:
             out.keep[layer] = select_layer(a, method, k, config, generator=rng)
         out.retained[layer] = retained_mass(out.keep[layer], a.complex.edges, a.edge_components(), a.triangles,
@@ -232,7 +236,8 @@ def plan(
 
 
 def apply_plan(model: nn.Module, chosen: Plan, analyses: dict[int, LayerAnalysis]) -> nn.Module:
-    """Edit ``model`` in place: merge groups (``hc-smoe``), redirect, or prune."""
+    """Edit ``model`` in place: merge groups (``hc-smoe``, every member's router slot bound to its merged expert),
+    redirect, or prune."""
     if chosen.groups is not None:
         return merge_groups(model, chosen.groups, {k: a.stats.frequencies for k, a in analyses.items()})
     if chosen.redirect is not None:
