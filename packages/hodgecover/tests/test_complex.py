@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hodgecover.complex import (
     SimplicialComplex,
+    as_edge_signal,
     decompose,
     filtration,
     filtration_complex,
@@ -233,3 +234,23 @@ def test_hodge_decomposition_accepts_the_documented_keyword_names():
     by_name = hodge_decomposition(complex=cx, edge_signal=signal)
     for a, b in zip(by_name, hodge_decomposition(cx, signal)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_edge_signal_is_keyed_by_edge_and_an_ambiguous_array_is_refused():
+    given = [(0, 2), (0, 1), (1, 2)]  # the complex stores (0, 1), (0, 2), (1, 2)
+    cx = SimplicialComplex(3, given)
+    assert not cx.edge_order_kept
+    with pytest.raises(DataError, match="mapping"):
+        decompose(cx, [10.0, 1.0, 1.0])
+    parts = decompose(cx, dict(zip(given, [10.0, 1.0, 1.0])))
+    total = parts.gradient + parts.curl + parts.harmonic
+    np.testing.assert_allclose(total, [1.0, 10.0, 1.0])  # 10 sits on (0, 2), in stored order
+    # a key against the stored orientation is a flow the other way: stored negated
+    np.testing.assert_allclose(as_edge_signal(cx, {(1, 0): 2.0, (0, 2): 1.0, (2, 1): 3.0}), [-2.0, 1.0, -3.0])
+    with pytest.raises(DataError, match="no value for 1 edges"):
+        as_edge_signal(cx, {(0, 1): 1.0, (0, 2): 1.0})
+    with pytest.raises(DataError, match="repeated"):
+        as_edge_signal(cx, {(0, 1): 1.0, (1, 0): 1.0, (0, 2): 1.0, (1, 2): 1.0})
+    sorted_cx = SimplicialComplex(3, [(0, 1), (0, 2), (1, 2)])
+    assert sorted_cx.edge_order_kept
+    np.testing.assert_array_equal(as_edge_signal(sorted_cx, [1.0, 10.0, 1.0]), [1.0, 10.0, 1.0])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from hodgecover.moe import MoELayer, decoder_of, find_moe_layers, merged
 from klcore.divergences import kl
-from klcore.errors import CheckpointError, ConfigError, DataError, DTypeError, ShapeError
+from klcore.errors import CheckpointError, ConfigError, DataError, DTypeError, NonFiniteError, ShapeError
 
 KL_DIRECTIONS = ("forward", "reverse")
 
@@ -109,9 +110,15 @@ class BarrierCache:
                 f"barrier cache {path} was computed for another model, calibration set or KL direction "
                 f"(fingerprint {found!r}, expected {self.fingerprint!r}); use another path or delete it"
             )
+        dropped = 0
         for record in records:
-            self.values.update({k: float(v) for k, v in record.get("values", {}).items()})
-        if len(records) < len(lines):
+            for k, v in record.get("values", {}).items():
+                if v is None or not math.isfinite(float(v)):  # written by an older version: recompute it
+                    dropped += 1
+                    self.values.pop(k, None)
+                else:
+                    self.values[k] = float(v)
+        if len(records) < len(lines) or dropped:
             self.compact()
 
     @staticmethod
@@ -138,6 +145,32 @@ class BarrierCache:
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "values": self.values}) + "\n")
         os.replace(tmp, self.path)
+
+
+FINGERPRINT_SAMPLES = 1 << 16
+
+
+@torch.no_grad()
+def weight_fingerprint(state_dict: dict[str, torch.Tensor], samples: int = FINGERPRINT_SAMPLES) -> str:
+    """SHA-256 over every tensor's name, shape and dtype, its values at ``samples`` evenly strided flat positions
+    (all of them for smaller tensors), its slice sums along dim 0 (one number per expert, row or channel) and its
+    sum and sum of squares. Reordering experts (dim 0 of ``[E, ...]``) or rows changes the strided samples and the
+    slice sums, so a permuted model does not collide; the reductions run where the tensor lives (float64, float32
+    on MPS) and only ``samples + shape[0] + 2`` numbers per tensor cross to the CPU."""
+    h = hashlib.sha256()
+    for name, t in state_dict.items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        x = t.detach()
+        acc = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+        x = x.to(acc)
+        flat = x.reshape(-1)
+        if flat.numel() > samples:
+            flat = flat[torch.linspace(0, flat.numel() - 1, samples, device=flat.device).long()]
+        parts = [flat, torch.stack([x.sum(), x.square().sum()])]
+        if x.dim() >= 2:
+            parts.append(x.reshape(x.shape[0], -1).sum(1))
+        h.update(torch.cat([p.reshape(-1) for p in parts]).cpu().double().numpy().tobytes())
+    return h.hexdigest()
 
 
 @contextmanager
@@ -284,22 +317,15 @@ class BarrierEngine:
 
     @torch.no_grad()
     def _fingerprint(self) -> str:
-        """Hash of the tokens, KL direction, model config JSON and, per ``state_dict`` tensor, its name, shape,
-        dtype, sum and sum of squares (float64 reductions where the tensor lives; two numbers cross per tensor)."""
+        """Hash of the tokens, KL direction, model config JSON and every ``state_dict`` tensor; see
+        ``weight_fingerprint``."""
         h = hashlib.sha256()
         h.update(self.tokens.cpu().numpy().tobytes())
         h.update(self.config.kl_direction.encode())
         config = getattr(self.model, "config", None)
         to_json = getattr(config, "to_json_string", None)
         h.update((to_json(use_diff=False) if to_json is not None else "").encode())
-        sums = []
-        for name, t in self.model.state_dict().items():
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-            x = t.detach() if t.is_floating_point() else t.detach().float()
-            acc = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
-            sums.append(torch.stack([x.sum(dtype=acc), x.square().sum(dtype=acc)]).cpu().double())
-        if sums:
-            h.update(torch.cat(sums).numpy().tobytes())
+        h.update(weight_fingerprint(self.model.state_dict()).encode())
         return h.hexdigest()[:16]
 
     # ------------------------------------------------------------------ evaluation
@@ -366,12 +392,23 @@ class BarrierEngine:
         todo = [k for k in dict.fromkeys(keys) if len(k) > 1 and BarrierCache.key(layer, k) not in self.cache.values]
         step = self.config.merges_per_pass
         batches = [todo[i:i + step] for i in range(0, len(todo), step)]
-        for batch in tqdm(batches, desc=f"{desc} layer {layer}", disable=not self.config.progress or not batches):
-            values = self._evaluate(moe, batch)
-            self.cache.add({BarrierCache.key(layer, members): v for members, v in zip(batch, values)})
-            self.evaluations += len(batch)
-        if batches:
-            self.cache.compact()
+        try:
+            for batch in tqdm(batches, desc=f"{desc} layer {layer}", disable=not self.config.progress or not batches):
+                values = self._evaluate(moe, batch)
+                finite = {BarrierCache.key(layer, m): v for m, v in zip(batch, values) if math.isfinite(v)}
+                self.cache.add(finite)  # a non-finite barrier is never cached: a re-run recomputes it
+                self.evaluations += len(batch)
+                bad = [m for m, v in zip(batch, values) if not math.isfinite(v)]
+                if bad:
+                    raise NonFiniteError(
+                        f"layer {layer}: merging experts {bad[0]} gives a non-finite barrier (NaN or inf logits; "
+                        f"{len(bad)} of this batch). Non-finite values are never cached, so the cache stays usable and a "
+                        "re-run recomputes only them; load the model in float32 (--set dtype=float32) or check its "
+                        "weights for NaN/inf (a changed model needs a fresh cache path)"
+                    )
+        finally:
+            if batches:
+                self.cache.compact()
         return np.array([0.0 if len(k) == 1 else self.cache.values[BarrierCache.key(layer, k)] for k in keys])
 
     def pair_barriers(self, layer: int) -> tuple[list[tuple[int, int]], np.ndarray]:
@@ -409,4 +446,13 @@ def candidate_triangles(
     return tris
 
 
-__all__ = ["KL_DIRECTIONS", "BarrierCache", "BarrierConfig", "BarrierEngine", "LayerStats", "candidate_triangles"]
+__all__ = [
+    "FINGERPRINT_SAMPLES",
+    "KL_DIRECTIONS",
+    "BarrierCache",
+    "BarrierConfig",
+    "BarrierEngine",
+    "LayerStats",
+    "candidate_triangles",
+    "weight_fingerprint",
+]

@@ -2,8 +2,9 @@
 
 Orientation convention (fixed, as in the method notes): every edge is stored as ``(i, j)`` with ``i < j``
 and oriented from ``i`` to ``j``; every triangle as ``(i, j, k)`` with ``i < j < k``. Edges and
-triangles are sorted lexicographically, and edge signals are read in the order of
-``SimplicialComplex.edges``. With this convention
+triangles are sorted lexicographically. An edge signal is a mapping ``{(i, j): value}`` keyed by edge (a key with
+``i > j`` is a flow from ``i`` to ``j``, stored negated) or an array in the order of ``SimplicialComplex.edges``,
+accepted only when the complex kept the order it was given. With this convention
 
 * ``B1[i, e] = -1``, ``B1[j, e] = +1`` for ``e = (i, j)``  (shape ``[n, |E|]``),
 * ``B2[(j,k), t] = +1``, ``B2[(i,k), t] = -1``, ``B2[(i,j), t] = +1``  (shape ``[|E|, |T|]``),
@@ -14,7 +15,7 @@ convention (flipping one edge changes it); the convention is therefore not an op
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -65,7 +66,10 @@ class SimplicialComplex:
         if int(num_vertices) != num_vertices or num_vertices < 1:
             raise DataError(f"num_vertices must be a positive integer, got {num_vertices!r}")
         self.num_vertices = int(num_vertices)
+        edges = list(edges)
         self.edges: list[tuple[int, int]] = self._simplices(edges, 2, "edge")  # type: ignore[assignment]
+        # whether a signal given as a plain array in the caller's edge order is already in the stored order
+        self.edge_order_kept = [tuple(_members(e, "edge")) for e in edges] == self.edges
         self.triangles: list[tuple[int, int, int]] = self._simplices(triangles, 3, "triangle")  # type: ignore[assignment]
         self.edge_index: dict[tuple[int, int], int] = {e: k for k, e in enumerate(self.edges)}
         for t in self.triangles:
@@ -171,15 +175,41 @@ class HodgeDecomposition:
     energies: dict[str, float] = field(default_factory=dict)
 
 
-def _as_signal(complex_: SimplicialComplex, edge_signal: object) -> np.ndarray:
-    if hasattr(edge_signal, "detach"):
-        edge_signal = edge_signal.detach().cpu().double().numpy()  # type: ignore[attr-defined]
-    b = np.asarray(edge_signal, dtype=np.float64)
-    if b.shape != (complex_.num_edges,):
-        raise ShapeError(
-            f"edge_signal has shape {b.shape}, expected ({complex_.num_edges},): one value per edge of the complex, "
-            "in the order of complex.edges"
-        )
+def as_edge_signal(complex_: SimplicialComplex, edge_signal: object) -> np.ndarray:
+    """``[|E|]`` float64 in the order and orientation of ``complex_.edges``.
+
+    A mapping ``{(i, j): value}`` is keyed by edge: ``(i, j)`` with ``i > j`` means the value flows from ``i`` to
+    ``j``, stored negated on ``(j, i)``; every edge needs exactly one entry. A plain array is read in the order of
+    ``complex_.edges``, and only when that is the order the complex was built with (else ``DataError``).
+    """
+    if isinstance(edge_signal, Mapping):
+        b = np.zeros(complex_.num_edges)
+        seen: set[tuple[int, int]] = set()
+        for raw, value in edge_signal.items():
+            i, j = (_vertex(v, "edge", raw) for v in _members(raw, "edge"))
+            key = (min(i, j), max(i, j))
+            if key not in complex_.edge_index or key in seen:
+                raise DataError(f"edge_signal key {raw!r} is {'repeated' if key in seen else 'not an edge of the complex'}")
+            seen.add(key)
+            b[complex_.edge_index[key]] = float(value) if i < j else -float(value)  # type: ignore[arg-type]
+        if len(seen) != complex_.num_edges:
+            missing = [e for e in complex_.edges if e not in seen][:3]
+            raise DataError(f"edge_signal has no value for {complex_.num_edges - len(seen)} edges, e.g. {missing}")
+    else:
+        if hasattr(edge_signal, "detach"):
+            edge_signal = edge_signal.detach().cpu().double().numpy()  # type: ignore[attr-defined]
+        b = np.asarray(edge_signal, dtype=np.float64)
+        if b.shape != (complex_.num_edges,):
+            raise ShapeError(
+                f"edge_signal has shape {b.shape}, expected ({complex_.num_edges},): one value per edge of the complex, "
+                "in the order of complex.edges"
+            )
+        if not complex_.edge_order_kept:
+            raise DataError(
+                "the complex sorted or reoriented the edges it was given, so an array edge_signal is ambiguous; pass "
+                "a mapping {(i, j): value} (e.g. dict(zip(your_edges, values))) or build the complex from "
+                "edges already sorted as (i, j) with i < j"
+            )
     if not np.all(np.isfinite(b)):
         raise NonFiniteError("edge_signal holds NaN or infinite values; pass finite barriers")
     return b
@@ -210,7 +240,7 @@ def decompose(
     """
     if solver not in SOLVERS:
         raise ConfigError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    b = _as_signal(complex_, edge_signal)
+    b = as_edge_signal(complex_, edge_signal)
     b1, b2 = complex_.boundary(1), complex_.boundary(2)
     if solver == "auto" and complex_.is_complete_graph():
         potential = (b1 @ b) / complex_.num_vertices
@@ -323,6 +353,7 @@ __all__ = [
     "Filtration",
     "HodgeDecomposition",
     "SimplicialComplex",
+    "as_edge_signal",
     "decompose",
     "filtration",
     "filtration_complex",
