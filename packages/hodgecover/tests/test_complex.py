@@ -13,6 +13,7 @@ from hodgecover.complex import (
     filtration_complex,
     hodge_decomposition,
 )
+from hodgecover.extras import MissingExtraError
 
 from klcore.errors import ConfigError, DataError, NonFiniteError, ShapeError
 
@@ -254,3 +255,33 @@ def test_edge_signal_is_keyed_by_edge_and_an_ambiguous_array_is_refused():
     sorted_cx = SimplicialComplex(3, [(0, 1), (0, 2), (1, 2)])
     assert sorted_cx.edge_order_kept
     np.testing.assert_array_equal(as_edge_signal(sorted_cx, [1.0, 10.0, 1.0]), [1.0, 10.0, 1.0])
+
+
+@pytest.mark.parametrize("mode", ["joint", "triangles"])
+def test_gudhi_beta_curve_equals_the_exact_ranks(mode):
+    pytest.importorskip("gudhi")
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        n = int(rng.integers(3, 11))
+        all_e, all_t = list(itertools.combinations(range(n), 2)), list(itertools.combinations(range(n), 3))
+        edges = [all_e[i] for i in rng.choice(len(all_e), int(rng.integers(1, len(all_e) + 1)), replace=False)]
+        tris = [all_t[i] for i in rng.choice(len(all_t), int(rng.integers(1, len(all_t) + 1)), replace=False)]
+        if trial % 2:  # integer values: many ties at the thresholds themselves
+            ev, tv = rng.integers(0, 5, len(edges)).astype(float), rng.integers(0, 6, len(tris)).astype(float)
+        else:
+            ev, tv = rng.uniform(size=len(edges)), rng.uniform(size=len(tris))
+        exact = filtration(n, edges, ev, tris, tv, num_thresholds=12, mode=mode, backend="exact")
+        fast = filtration(n, edges, ev, tris, tv, num_thresholds=12, mode=mode, backend="gudhi")
+        np.testing.assert_array_equal(fast.thresholds, exact.thresholds)
+        for name in ("beta0", "beta1", "beta2"):
+            np.testing.assert_array_equal(getattr(fast, name), getattr(exact, name), err_msg=f"{trial} {name}")
+
+
+def test_gudhi_backend_without_gudhi_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gudhi", None)  # import gudhi now raises ImportError
+    args = (3, [(0, 1), (0, 2), (1, 2)], [0.0, 1.0, 2.0], [(0, 1, 2)], [3.0])
+    with pytest.raises(MissingExtraError, match=r"hodgecover\[gudhi\]"):
+        filtration(*args, backend="gudhi")
+    assert filtration(*args, backend="auto").beta1.tolist()[-1] == 0  # falls back to the exact ranks

@@ -420,30 +420,66 @@ class BarrierEngine:
         return self.barriers(layer, triangles, desc="triplets")
 
 
+def _cliques(n: int, edges: set[tuple[int, int]]) -> np.ndarray:
+    """``[T, 3]`` int64: every 3-clique ``i < j < k`` of the graph on ``0..n-1``, lexicographic."""
+    adj = np.zeros((n, n), dtype=bool)
+    for i, j in edges:
+        adj[i, j] = adj[j, i] = True
+    out = []
+    for i, j in sorted(edges):
+        ks = np.flatnonzero(adj[i, j + 1:] & adj[j, j + 1:]) + j + 1
+        out.append(np.stack([np.full(len(ks), i), np.full(len(ks), j), ks], 1))
+    return np.concatenate(out).astype(np.int64) if out else np.zeros((0, 3), dtype=np.int64)
+
+
 def candidate_triangles(
     edges: Sequence[tuple[int, int]], values: ArrayLike, *, cap: int = 500, seed: int = 0,
-    quantile: float = 0.5,
+    quantile: float = 0.5, levels: int | None = None,
 ) -> list[tuple[int, int, int]]:
-    """3-cliques of the graph of edges with barrier <= the ``quantile`` (median by default) of ``values``,
-    sorted; a seeded random subset of ``cap`` of them when there are more."""
-    if cap < 0 or not 0.0 < quantile <= 1.0:
-        raise ConfigError(f"need cap >= 0 and quantile in (0, 1], got cap={cap}, quantile={quantile}")
+    """Candidate triangles for the filtration, sorted.
+
+    ``levels=None`` (the paper's rule): 3-cliques of the graph of edges with barrier <= the ``quantile`` (median by
+    default) of ``values``, a seeded random subset of ``cap`` when there are more. ``levels=L``: 3-cliques of the
+    whole graph, stratified by the level at which their three edges are present (the largest edge barrier, in
+    ``L`` equal-width bins over ``values``): the ``cap`` is shared evenly by the bins (a bin with fewer triangles
+    passes its share on), so every threshold of the filtration has triangles that can fill its cycles.
+    """
+    if cap < 0 or not 0.0 < quantile <= 1.0 or (levels is not None and levels < 1):
+        raise ConfigError(f"need cap >= 0, quantile in (0, 1] and levels >= 1, got cap={cap}, quantile={quantile}, "
+                          f"levels={levels}")
     vals = np.asarray(values, dtype=float).reshape(-1)
     if vals.shape != (len(edges),):
         raise ShapeError(f"need one barrier value per edge: got {vals.shape[0]} values for {len(edges)} edges; "
                          "pass the pairs and the barriers returned together by pair_barriers")
     if vals.size == 0:
         return []
-    cut = np.quantile(vals, quantile)
-    low = {tuple(sorted(e)) for e, v in zip(edges, vals) if v <= cut}
-    nbrs: dict[int, set[int]] = {}
-    for i, j in low:
-        nbrs.setdefault(i, set()).add(j)
-    tris = sorted((i, j, k) for i, j in low for k in nbrs.get(j, ()) if k in nbrs.get(i, ()))
-    if len(tris) > cap:
-        rng = np.random.default_rng(seed)
-        tris = sorted(tris[t] for t in rng.choice(len(tris), size=cap, replace=False))
-    return tris
+    rng = np.random.default_rng(seed)
+    sorted_edges = [tuple(sorted(e)) for e in edges]
+    n = max(max(e) for e in sorted_edges) + 1
+    if levels is None:
+        cut = np.quantile(vals, quantile)
+        tris = _cliques(n, {e for e, v in zip(sorted_edges, vals) if v <= cut})  # type: ignore[misc]
+        if len(tris) > cap:
+            tris = tris[np.sort(rng.choice(len(tris), size=cap, replace=False))]
+        return [tuple(int(v) for v in t) for t in tris]  # type: ignore[misc]
+    tris = _cliques(n, set(sorted_edges))  # type: ignore[arg-type]
+    if len(tris) <= cap:
+        return [tuple(int(v) for v in t) for t in tris]  # type: ignore[misc]
+    value = np.full((n, n), -np.inf)
+    for (i, j), v in zip(sorted_edges, vals):
+        value[i, j] = max(value[i, j], v)
+    level = np.maximum(np.maximum(value[tris[:, 0], tris[:, 1]], value[tris[:, 0], tris[:, 2]]),
+                       value[tris[:, 1], tris[:, 2]])
+    edges_of_bins = np.linspace(vals.min(), vals.max(), levels + 1)[1:-1]
+    bins = [np.flatnonzero(np.digitize(level, edges_of_bins, right=True) == b) for b in range(levels)]
+    chosen, left = [], cap
+    for rank, b in enumerate(sorted(range(levels), key=lambda b: len(bins[b]))):  # smallest bins first
+        share = left // (levels - rank)
+        take = min(share, len(bins[b]))
+        chosen.append(rng.choice(bins[b], size=take, replace=False))
+        left -= take
+    picked = np.sort(np.concatenate(chosen))
+    return [tuple(int(v) for v in t) for t in tris[picked]]  # type: ignore[misc]
 
 
 __all__ = [

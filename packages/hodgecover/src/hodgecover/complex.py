@@ -25,10 +25,13 @@ from numpy.typing import ArrayLike
 from scipy.sparse.csgraph import connected_components
 from scipy.sparse.linalg import lsmr, lsqr
 
+from hodgecover.extras import MissingExtraError
 from klcore.errors import ConfigError, DataError, NonFiniteError, ShapeError
 
 Solver = Literal["auto", "lsqr", "lsmr", "dense"]
 FiltrationMode = Literal["joint", "triangles"]
+Backend = Literal["auto", "gudhi", "exact"]
+BACKENDS = ("auto", "gudhi", "exact")
 SOLVERS = ("auto", "lsqr", "lsmr", "dense")
 FILTRATION_MODES = ("joint", "triangles")
 _DENSE_MAX_COLUMNS = 64
@@ -318,6 +321,64 @@ def filtration_complex(
     return SimplicialComplex(num_vertices, kept_edges, kept_triangles)
 
 
+def _joint_entries(
+    edges: Sequence[tuple[int, int]], ev: np.ndarray, triangles: Sequence[tuple[int, int, int]], tv: np.ndarray,
+    mode: str, start: float,
+) -> tuple[list[tuple[int, int]], np.ndarray, list[tuple[int, int, int]], np.ndarray]:
+    """Each simplex with the threshold at which it enters ``K_tau`` (``filtration_complex``'s rule); triangles
+    whose edges are not all given never enter and are left out."""
+    sorted_edges = [tuple(sorted(e)) for e in edges]
+    edge_entry = np.full(len(edges), start) if mode == "triangles" else ev
+    entry = dict(zip(sorted_edges, edge_entry))
+    tris, t_entry = [], []
+    for t, v in zip(triangles, tv):
+        i, j, k = sorted(t)
+        faces = ((i, j), (i, k), (j, k))
+        if all(f in entry for f in faces):
+            tris.append((i, j, k))
+            t_entry.append(max(float(v), *(float(entry[f]) for f in faces)))
+    return sorted_edges, np.asarray(edge_entry, dtype=np.float64), tris, np.asarray(t_entry)  # type: ignore[return-value]
+
+
+def _betti_curve_gudhi(
+    num_vertices: int, edges: list[tuple[int, int]], edge_entry: np.ndarray, triangles: list[tuple[int, int, int]],
+    tri_entry: np.ndarray, thresholds: np.ndarray, gudhi: object,
+) -> np.ndarray:
+    """``[len(thresholds), 3]`` Betti numbers from gudhi's persistence: ``beta_d(tau)`` counts the intervals of
+    dimension ``d`` born at or before ``tau`` that die after it."""
+    tree = gudhi.SimplexTree()  # type: ignore[attr-defined]
+    floor = float(thresholds[0]) - 1.0
+    for v in range(num_vertices):
+        tree.insert([v], filtration=floor)
+    for (i, j), f in zip(edges, edge_entry):
+        tree.insert([i, j], filtration=float(f))
+    for t, f in zip(triangles, tri_entry):
+        tree.insert(list(t), filtration=float(f))
+    tree.compute_persistence(homology_coeff_field=11, persistence_dim_max=True)
+    out = np.zeros((len(thresholds), 3), dtype=np.int64)
+    for d in range(3):
+        iv = np.asarray(tree.persistence_intervals_in_dimension(d), dtype=np.float64).reshape(-1, 2)
+        born = iv[:, 0][None, :] <= thresholds[:, None]
+        alive = iv[:, 1][None, :] > thresholds[:, None]
+        out[:, d] = (born & alive).sum(1)
+    return out
+
+
+def _gudhi_module(backend: str) -> object | None:
+    if backend == "exact":
+        return None
+    try:
+        import gudhi
+    except ImportError as err:
+        if backend == "gudhi":
+            raise MissingExtraError(
+                f"filtration backend 'gudhi' needs gudhi, which is not importable ({err}); install the extra: "
+                "pip install 'hodgecover[gudhi]', or use backend='exact'"
+            ) from err
+        return None
+    return gudhi
+
+
 def filtration(
     num_vertices: int,
     edges: Sequence[tuple[int, int]],
@@ -327,27 +388,49 @@ def filtration(
     *,
     num_thresholds: int = 80,
     mode: FiltrationMode = "joint",
+    backend: Backend = "auto",
 ) -> Filtration:
     """The beta curve over ``num_thresholds`` evenly spaced thresholds from the smallest to the largest value
-    (edge and triangle values for ``joint``, triangle values for ``triangles``)."""
+    (edge and triangle values for ``joint``, triangle values for ``triangles``).
+
+    ``backend``: ``gudhi`` (persistent homology of the whole filtration in one pass; ``pip install
+    'hodgecover[gudhi]'``), ``exact`` (ranks of every ``K_tau`` over the reals, one per threshold) or ``auto``
+    (gudhi when importable). Both give the same curve (gudhi works over Z/11, which differs from the reals only
+    for a complex with 11-torsion).
+    """
     if num_thresholds < 2:
         raise ConfigError(f"num_thresholds must be >= 2, got {num_thresholds}")
+    if mode not in FILTRATION_MODES:
+        raise ConfigError(f"filtration mode must be one of {FILTRATION_MODES}, got {mode!r}")
+    if backend not in BACKENDS:
+        raise ConfigError(f"filtration backend must be one of {BACKENDS}, got {backend!r}")
+    ev = np.asarray(edge_values, dtype=np.float64).reshape(-1)
     tv = np.asarray(triangle_values, dtype=np.float64).reshape(-1)
-    values = tv if mode == "triangles" else np.concatenate([np.asarray(edge_values, dtype=np.float64).reshape(-1), tv])
+    if ev.shape != (len(edges),) or tv.shape != (len(triangles),):
+        raise ShapeError(
+            f"need one value per edge and per triangle, got {ev.shape} for {len(edges)} edges and "
+            f"{tv.shape} for {len(triangles)} triangles"
+        )
+    values = tv if mode == "triangles" else np.concatenate([ev, tv])
     if values.size == 0:
         raise DataError("the filtration needs at least one edge or triangle value")
     if not np.all(np.isfinite(values)):
         raise NonFiniteError("filtration values hold NaN or infinite entries")
     thresholds = np.linspace(values.min(), values.max(), num_thresholds)
-    betti = np.array([
-        filtration_complex(num_vertices, edges, edge_values, triangles, triangle_values, float(t), mode=mode)
-        .betti_numbers()
-        for t in thresholds
-    ])
+    gudhi = _gudhi_module(backend)
+    if gudhi is not None:
+        entries = _joint_entries(edges, ev, triangles, tv, mode, float(thresholds[0]))
+        betti = _betti_curve_gudhi(num_vertices, *entries, thresholds, gudhi)
+    else:
+        betti = np.array([
+            filtration_complex(num_vertices, edges, ev, triangles, tv, float(t), mode=mode).betti_numbers()
+            for t in thresholds
+        ])
     return Filtration(thresholds, betti[:, 0], betti[:, 1], betti[:, 2], mode)
 
 
 __all__ = [
+    "BACKENDS",
     "FILTRATION_MODES",
     "SOLVERS",
     "Filtration",

@@ -8,11 +8,7 @@ import numpy as np
 import torch
 
 from hodgecover.complex import HodgeDecomposition, SimplicialComplex, as_edge_signal
-from klcore.errors import KlcoreError
-
-
-class MissingExtraError(KlcoreError, ImportError):
-    """An optional dependency of hodgecover is not installed; the message names the extra to install."""
+from hodgecover.extras import MissingExtraError
 
 
 def to_pyg(complex_: SimplicialComplex, parts: HodgeDecomposition | None = None, edge_signal: Any = None) -> Any:

@@ -7,6 +7,7 @@ Every choice the method notes leave open is a field of ``HodgeCoverConfig`` with
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from hodgecover.barriers import BarrierConfig, BarrierEngine, LayerStats, candidate_triangles
 from hodgecover.complex import (
+    BACKENDS,
     FILTRATION_MODES,
     SOLVERS,
     Filtration,
@@ -42,6 +44,7 @@ METHODS = ("hodgecover", "no-triangle", "greedy-barrier", "reap", "frequency", "
 SALIENCIES = ("reap", "frequency", "none")
 TRIPLET_VALUES = ("raw", "excess")
 DROPPED = ("prune", "redirect")
+TRIANGLE_SAMPLINGS = ("stratified", "median")
 
 
 @dataclass
@@ -49,17 +52,22 @@ class HodgeCoverConfig:
     """Options of the method (defaults marked [assumed] were not recoverable from the paper; see the docs).
 
     ``filtration``: ``joint`` (edges and triangles enter at their barrier; default), ``triangles`` (all edges,
-    triangles by barrier) or ``none`` (complete graph plus every candidate triangle). ``triplet_value``: ``raw``
+    triangles by barrier) or ``none`` (complete graph plus every candidate triangle); ``filtration_backend``:
+    ``auto``/``gudhi``/``exact`` (``complex.filtration``). ``triangle_sampling``: ``stratified`` (candidates from
+    every level of the filtration, ``triangle_cap`` shared across ``num_thresholds`` levels) or ``median`` (the
+    paper's cliques of edges at or below the ``triangle_quantile`` of the barriers). ``triplet_value``: ``raw``
     ``b_ijk`` or ``excess`` ``b_ijk - max(b_ij, b_ik, b_jk)``. ``dropped``: ``prune`` (delete router rows) or
     ``redirect`` (keep rows, remap to the harmonic-weighted nearest survivor). ``hc-smoe`` always binds each group
     member's router slot to the merged expert, as its authors do.
     """
 
     triangle_cap: int = 500
+    triangle_sampling: str = "stratified"
     triangle_quantile: float = 0.5
     triplet_value: str = "raw"
     filtration: str = "joint"
     num_thresholds: int = 80
+    filtration_backend: str = "auto"
     edge_fraction: float = 0.1  # p [assumed]
     triangle_fraction: float = 0.1  # q_T [assumed]
     lambda_edge: float = 1.0  # [assumed]
@@ -78,6 +86,8 @@ class HodgeCoverConfig:
             "saliency": (self.saliency, SALIENCIES),
             "dropped": (self.dropped, DROPPED),
             "solver": (self.solver, SOLVERS),
+            "triangle_sampling": (self.triangle_sampling, TRIANGLE_SAMPLINGS),
+            "filtration_backend": (self.filtration_backend, BACKENDS),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -124,8 +134,9 @@ def analyze_layer(engine: BarrierEngine, layer: int, config: HodgeCoverConfig) -
     """Pair barriers, candidate triangles and their barriers, the filtration, ``K_tau*`` and its Hodge parts."""
     moe = engine.by_index[layer]
     pairs, pb = engine.pair_barriers(layer)
+    levels = config.num_thresholds if config.triangle_sampling == "stratified" else None
     tris = candidate_triangles(pairs, pb, cap=config.triangle_cap, seed=config.seed,
-                               quantile=config.triangle_quantile)
+                               quantile=config.triangle_quantile, levels=levels)
     tb = engine.triplet_barriers(layer, tris) if tris else np.zeros(0)
     lookup = dict(zip(pairs, pb))
     if config.triplet_value == "excess":
@@ -138,7 +149,14 @@ def analyze_layer(engine: BarrierEngine, layer: int, config: HodgeCoverConfig) -
         cx = SimplicialComplex(moe.num_experts, pairs, tris)
     else:
         curve = beta_curve(moe.num_experts, pairs, pb, tris, tv, num_thresholds=config.num_thresholds,
-                           mode=config.filtration)  # type: ignore[arg-type]
+                           mode=config.filtration, backend=config.filtration_backend)  # type: ignore[arg-type]
+        if config.filtration == "joint" and curve.best_index == len(curve.thresholds) - 1:
+            warnings.warn(
+                f"layer {layer}: tau* is the last threshold (beta_1 still rising, {len(tris)} candidate triangles "
+                f"for {len(pairs)} edges), so the filtration selects the complete complex, as filtration='none' "
+                "would; raise triangle_cap or read the Hodge parts as those of the full complex", UserWarning,
+                stacklevel=2,
+            )
         cx = filtration_complex(moe.num_experts, pairs, pb, tris, tv, curve.best_threshold,
                                 mode=config.filtration)  # type: ignore[arg-type]
     signal = np.array([lookup[e] for e in cx.edges])
@@ -256,6 +274,7 @@ __all__ = [
     "DROPPED",
     "METHODS",
     "SALIENCIES",
+    "TRIANGLE_SAMPLINGS",
     "TRIPLET_VALUES",
     "HodgeCoverConfig",
     "LayerAnalysis",
