@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from hodgecover.barriers import BarrierConfig
+from hodgecover.barriers import BarrierConfig, LayerStats
 from hodgecover.calibration import perplexity, token_blocks
 from hodgecover.complex import SimplicialComplex, decompose
 from hodgecover.moe import find_moe_layers
@@ -35,7 +35,8 @@ def test_analysis_decomposes_the_barriers_of_the_chosen_complex(analysed):
         assert len(a.pairs) == 28 and a.curve is not None
         assert a.curve.beta1[a.curve.best_index] == a.curve.beta1.max() == a.complex.betti_numbers()[1]
         lookup = dict(zip(a.pairs, a.pair_barriers))
-        signal = np.array([lookup[e] for e in a.complex.edges])
+        signal = np.array([lookup[e] for e in a.complex.edges]) * a.signs  # oriented by routing frequency
+        assert set(a.signs.tolist()) <= {-1.0, 1.0}
         np.testing.assert_allclose(a.parts.gradient + a.parts.curl + a.parts.harmonic, signal, atol=1e-12)
         assert all(lookup[e] <= a.curve.best_threshold for e in a.complex.edges)
         assert len(a.triangles) == 56  # stratified candidates: all C(8, 3) triangles fit under the cap
@@ -193,7 +194,8 @@ def test_triangle_filtration_without_candidate_triangles_falls_back_to_the_compl
         assert a.triangles == [] and a.curve is None
         assert a.complex.edges == a.pairs and a.complex.num_triangles == 0
         lookup = dict(zip(a.pairs, a.pair_barriers))
-        np.testing.assert_allclose(a.parts.gradient + a.parts.harmonic, [lookup[e] for e in a.pairs], atol=1e-12)
+        np.testing.assert_allclose(a.parts.gradient + a.parts.harmonic, np.array([lookup[e] for e in a.pairs]) * a.signs,
+                                   atol=1e-12)
     assert plan(analyses, "hodgecover", 0.5, config).keep.keys() == analyses.keys()
 
 
@@ -219,7 +221,8 @@ class _FakeEngine:
         self.values = dict(zip(self.pairs, values))
         moe = SimpleNamespace(num_experts=n, top_k=2)
         self.by_index = {0: moe}
-        self.stats = {0: None}
+        self.stats = {0: LayerStats(frequencies=torch.ones(n) / n, reap=torch.ones(n), input_sq=torch.zeros(n, 1),
+                                    hidden_sq=torch.zeros(n, 1), mean_output=torch.zeros(n, 1))}
 
     def pair_barriers(self, layer):
         return self.pairs, np.array([self.values[p] for p in self.pairs])

@@ -50,6 +50,10 @@ def test_checkpoint_recipe_prunes_a_saved_model_that_reloads(tmp_path):
                  "hodgecover.num_thresholds=10", "hodgecover.barrier.progress=false"]
     summary = run_recipe(plugins, "hodgecover", out=out, overrides=overrides)
     assert all(len(k) == 3 for k in summary["plan"]["keep"].values())
+    for spread in summary["relabeling"].values():
+        assert spread["relabelings"] == 10 and spread["hodgecover/distinct_sets"] >= 1
+        assert spread["harmonic_share_min"] <= spread["harmonic_share"] <= spread["harmonic_share_max"]
+    assert "relabeling spread" in (out / "report.md").read_text()
     loaded = AutoModelForCausalLM.from_pretrained(out / "model")
     assert loaded.config.num_local_experts == 3
     with torch.no_grad():

@@ -442,7 +442,9 @@ def candidate_triangles(
     default) of ``values``, a seeded random subset of ``cap`` when there are more. ``levels=L``: 3-cliques of the
     whole graph, stratified by the level at which their three edges are present (the largest edge barrier, in
     ``L`` equal-width bins over ``values``): the ``cap`` is shared evenly by the bins (a bin with fewer triangles
-    passes its share on), so every threshold of the filtration has triangles that can fill its cycles.
+    passes its share on), so every threshold of the filtration has triangles that can fill its cycles. Within a bin
+    the picks are evenly spaced in the order of (level, sum of edge barriers, smallest edge barrier), which does not
+    depend on how the experts are numbered (``seed`` is used by the ``levels=None`` rule only).
     """
     if cap < 0 or not 0.0 < quantile <= 1.0 or (levels is not None and levels < 1):
         raise ConfigError(f"need cap >= 0, quantile in (0, 1] and levels >= 1, got cap={cap}, quantile={quantile}, "
@@ -468,15 +470,18 @@ def candidate_triangles(
     value = np.full((n, n), -np.inf)
     for (i, j), v in zip(sorted_edges, vals):
         value[i, j] = max(value[i, j], v)
-    level = np.maximum(np.maximum(value[tris[:, 0], tris[:, 1]], value[tris[:, 0], tris[:, 2]]),
-                       value[tris[:, 1], tris[:, 2]])
+    faces = np.stack([value[tris[:, 0], tris[:, 1]], value[tris[:, 0], tris[:, 2]], value[tris[:, 1], tris[:, 2]]])
+    level = faces.max(0)
+    # within a bin, triangles in order of (level, edge sum, smallest edge): a numbering-free order
+    order = np.lexsort((faces.min(0), faces.sum(0), level))
     edges_of_bins = np.linspace(vals.min(), vals.max(), levels + 1)[1:-1]
-    bins = [np.flatnonzero(np.digitize(level, edges_of_bins, right=True) == b) for b in range(levels)]
+    bin_of = np.digitize(level[order], edges_of_bins, right=True)
+    bins = [order[bin_of == b] for b in range(levels)]
     chosen, left = [], cap
     for rank, b in enumerate(sorted(range(levels), key=lambda b: len(bins[b]))):  # smallest bins first
-        share = left // (levels - rank)
-        take = min(share, len(bins[b]))
-        chosen.append(rng.choice(bins[b], size=take, replace=False))
+        take = min(left // (levels - rank), len(bins[b]))
+        chosen.append(bins[b][np.round(np.linspace(0, len(bins[b]) - 1, take)).astype(np.int64)] if take else
+                      bins[b][:0])
         left -= take
     picked = np.sort(np.concatenate(chosen))
     return [tuple(int(v) for v in t) for t in tris[picked]]  # type: ignore[misc]

@@ -19,6 +19,7 @@ import torch
 from hodgecover.calibration import perplexity, token_blocks
 from hodgecover.pipeline import METHODS, HodgeCoverConfig, analyze, apply_plan, plan
 from hodgecover.redirect_checkpoint import save_redirected
+from hodgecover.relabeling import SPREAD_METHODS, relabeling_spread
 from hodgecover.toy_recipe import toy_text
 from hodgecover.wanda import hybrid_sparsity, wanda_prune
 from klcore.errors import CheckpointError, ConfigError
@@ -83,6 +84,10 @@ def run(config: CheckpointConfig, run_dir: Path) -> dict[str, Any]:
     summary: dict[str, Any] = {"plan": chosen.summary(), "layers": layer_table(analyses),
                                "barrier_evaluations": engine.evaluations,
                                "calibration": config.calibration or "built-in toy text (pass --set calibration=FILE)"}
+    spread_methods = tuple(m for m in (config.method,) if m in SPREAD_METHODS)
+    if config.hodgecover.relabelings and spread_methods:
+        summary["relabeling"] = {layer: relabeling_spread(a, config.hodgecover, config.ratio, methods=spread_methods)
+                                 for layer, a in analyses.items()}
     held_out = None
     if config.evaluation:
         held_out = token_blocks(tokenizer, config.evaluation, num_tokens=config.num_tokens, seq_len=config.seq_len,
@@ -107,9 +112,15 @@ def run(config: CheckpointConfig, run_dir: Path) -> dict[str, Any]:
     plot_filtration(analyses, run_dir / "filtration.png")
     rows = [[r["layer"], r["edges"], r["triangles"], r["tau_star"], r["energy/gradient"], r["energy/curl"],
              r["energy/harmonic"]] for r in summary["layers"]]
+    spread = summary.get("relabeling", {})
+    spread_rows = [[layer, r["relabelings"], r["harmonic_share_min"], r["harmonic_share_max"],
+                    r[f"{config.method}/distinct_sets"], r[f"{config.method}/min_jaccard"]] for layer, r in spread.items()]
+    spread_md = ("\n\nrelabeling spread (experts renumbered at random, barriers reused):\n\n" + markdown_table(
+        ["layer", "relabelings", "harm. share min", "harm. share max", "distinct survivor sets", "min Jaccard"],
+        spread_rows)) if spread_rows else ""
     (run_dir / "report.md").write_text(
         f"# hodgecover on {config.model}\n\nmethod {config.method}, ratio {config.ratio}\n\n"
-        + markdown_table(["layer", "edges", "triangles", "tau*", "E_grad", "E_curl", "E_harm"], rows)
+        + markdown_table(["layer", "edges", "triangles", "tau*", "E_grad", "E_curl", "E_harm"], rows) + spread_md
         + "\n\n```json\n" + json.dumps({k: v for k, v in summary.items() if k.startswith("eval/")}, indent=2)
         + "\n```\n\n![energy](energy.png) ![filtration](filtration.png)\n"
     )

@@ -9,8 +9,9 @@ accepted only when the complex kept the order it was given. With this convention
 * ``B1[i, e] = -1``, ``B1[j, e] = +1`` for ``e = (i, j)``  (shape ``[n, |E|]``),
 * ``B2[(j,k), t] = +1``, ``B2[(i,k), t] = -1``, ``B2[(i,j), t] = +1``  (shape ``[|E|, |T|]``),
 
-so ``B1 @ B2 == 0``. A barrier is an unsigned quantity, so its energy split depends on this
-convention (flipping one edge changes it); the convention is therefore not an option.
+so ``B1 @ B2 == 0``. A barrier is an unsigned quantity, so its energy split depends on which way each edge points;
+the pipeline therefore orients the barrier by a property of the experts (``orientation.edge_orientation``) and passes
+the signed signal here, so the storage convention itself never shapes the result.
 """
 
 from __future__ import annotations
