@@ -3,13 +3,14 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
-from hodgecover.barriers import BarrierCache, BarrierConfig, BarrierEngine, candidate_triangles
+from hodgecover.barriers import BarrierCache, BarrierConfig, BarrierEngine, candidate_triangles, weight_fingerprint
 from hodgecover.moe import find_moe_layers, merge_operator, merged
 from hodgecover_models import FAMILIES, moe_model
 
-from klcore.errors import CheckpointError, ConfigError, DataError, ShapeError, UnsupportedModelError
+from klcore.errors import CheckpointError, ConfigError, DataError, NonFiniteError, ShapeError, UnsupportedModelError
 
 
 def _full_forward_kl(model, tokens, moe, members, freq):
@@ -209,3 +210,47 @@ def test_engine_evaluates_in_eval_mode_and_restores_training_mode(tokens):
     got = engine.barriers(1, sets)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-12, atol=0)
     assert model.training and model.model.layers[1].mlp.training and not model.model.layers[0].mlp.training
+
+
+def test_renumbered_experts_do_not_reuse_the_cache(tokens, tmp_path):
+    model = moe_model("mixtral")
+    path = tmp_path / "b.jsonl"
+    BarrierEngine(model, tokens, BarrierConfig(progress=False), cache_path=path).barriers(0, [(0, 1)])
+    perm = torch.tensor([1, 0, 2, 3, 4, 5])  # the same function with experts 0 and 1 swapped: sums unchanged
+    moe = find_moe_layers(model)[0]
+    with torch.no_grad():
+        for p in [*moe.expert_parameters().values(), moe.router.weight]:
+            p.copy_(p[perm].clone())
+    with pytest.raises(CheckpointError, match="another model"):
+        BarrierEngine(model, tokens, BarrierConfig(progress=False), cache_path=path)
+
+
+def test_weight_fingerprint_sees_rows_swapped_in_a_tensor_larger_than_its_sample():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 300, generator=g)
+    swapped = w[torch.tensor([1, 0, *range(2, 64)])]
+    assert weight_fingerprint({"w": w}, samples=100) == weight_fingerprint({"w": w.clone()}, samples=100)
+    assert weight_fingerprint({"w": w}, samples=100) != weight_fingerprint({"w": swapped}, samples=100)
+    one_value = w.clone()
+    one_value.view(-1)[0] += 1.0  # flat position 0 is always sampled; the sums move too
+    assert weight_fingerprint({"w": w}, samples=100) != weight_fingerprint({"w": one_value}, samples=100)
+
+
+def test_non_finite_barriers_are_not_cached_and_a_rerun_recomputes_them(tokens, tmp_path, monkeypatch):
+    model = moe_model("mixtral")
+    path = tmp_path / "b.jsonl"
+    engine = BarrierEngine(model, tokens, BarrierConfig(progress=False, merges_per_pass=2), cache_path=path)
+    honest = engine._evaluate
+    monkeypatch.setattr(engine, "_evaluate", lambda moe, merges: [
+        float("nan") if m == (0, 2) else v for m, v in zip(merges, honest(moe, merges))])
+    with pytest.raises(NonFiniteError, match=r"merging experts \(0, 2\).*never cached"):
+        engine.barriers(0, [(0, 1), (0, 2)])
+    assert "nan" not in path.read_text().lower()
+    again = BarrierEngine(model, tokens, BarrierConfig(progress=False), cache_path=path)
+    b = again.barriers(0, [(0, 1), (0, 2)])
+    assert again.evaluations == 1 and np.isfinite(b).all()
+    # a cache written by an older version with a NaN in it: the value is dropped on load and recomputed
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines, json.dumps({"values": {"0:0,2": float("nan")}})]) + "\n")
+    third = BarrierEngine(model, tokens, BarrierConfig(progress=False), cache_path=path)
+    assert "0:0,2" not in third.cache.values and third.barriers(0, [(0, 2)])[0] == pytest.approx(b[1], abs=1e-12)

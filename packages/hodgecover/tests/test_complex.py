@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 from hodgecover.complex import (
     SimplicialComplex,
+    as_edge_signal,
     decompose,
     filtration,
     filtration_complex,
     hodge_decomposition,
 )
+from hodgecover.extras import MissingExtraError
 
 from klcore.errors import ConfigError, DataError, NonFiniteError, ShapeError
 
@@ -233,3 +235,53 @@ def test_hodge_decomposition_accepts_the_documented_keyword_names():
     by_name = hodge_decomposition(complex=cx, edge_signal=signal)
     for a, b in zip(by_name, hodge_decomposition(cx, signal)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_edge_signal_is_keyed_by_edge_and_an_ambiguous_array_is_refused():
+    given = [(0, 2), (0, 1), (1, 2)]  # the complex stores (0, 1), (0, 2), (1, 2)
+    cx = SimplicialComplex(3, given)
+    assert not cx.edge_order_kept
+    with pytest.raises(DataError, match="mapping"):
+        decompose(cx, [10.0, 1.0, 1.0])
+    parts = decompose(cx, dict(zip(given, [10.0, 1.0, 1.0])))
+    total = parts.gradient + parts.curl + parts.harmonic
+    np.testing.assert_allclose(total, [1.0, 10.0, 1.0])  # 10 sits on (0, 2), in stored order
+    # a key against the stored orientation is a flow the other way: stored negated
+    np.testing.assert_allclose(as_edge_signal(cx, {(1, 0): 2.0, (0, 2): 1.0, (2, 1): 3.0}), [-2.0, 1.0, -3.0])
+    with pytest.raises(DataError, match="no value for 1 edges"):
+        as_edge_signal(cx, {(0, 1): 1.0, (0, 2): 1.0})
+    with pytest.raises(DataError, match="repeated"):
+        as_edge_signal(cx, {(0, 1): 1.0, (1, 0): 1.0, (0, 2): 1.0, (1, 2): 1.0})
+    sorted_cx = SimplicialComplex(3, [(0, 1), (0, 2), (1, 2)])
+    assert sorted_cx.edge_order_kept
+    np.testing.assert_array_equal(as_edge_signal(sorted_cx, [1.0, 10.0, 1.0]), [1.0, 10.0, 1.0])
+
+
+@pytest.mark.parametrize("mode", ["joint", "triangles"])
+def test_gudhi_beta_curve_equals_the_exact_ranks(mode):
+    pytest.importorskip("gudhi")
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        n = int(rng.integers(3, 11))
+        all_e, all_t = list(itertools.combinations(range(n), 2)), list(itertools.combinations(range(n), 3))
+        edges = [all_e[i] for i in rng.choice(len(all_e), int(rng.integers(1, len(all_e) + 1)), replace=False)]
+        tris = [all_t[i] for i in rng.choice(len(all_t), int(rng.integers(1, len(all_t) + 1)), replace=False)]
+        if trial % 2:  # integer values: many ties at the thresholds themselves
+            ev, tv = rng.integers(0, 5, len(edges)).astype(float), rng.integers(0, 6, len(tris)).astype(float)
+        else:
+            ev, tv = rng.uniform(size=len(edges)), rng.uniform(size=len(tris))
+        exact = filtration(n, edges, ev, tris, tv, num_thresholds=12, mode=mode, backend="exact")
+        fast = filtration(n, edges, ev, tris, tv, num_thresholds=12, mode=mode, backend="gudhi")
+        np.testing.assert_array_equal(fast.thresholds, exact.thresholds)
+        for name in ("beta0", "beta1", "beta2"):
+            np.testing.assert_array_equal(getattr(fast, name), getattr(exact, name), err_msg=f"{trial} {name}")
+
+
+def test_gudhi_backend_without_gudhi_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gudhi", None)  # import gudhi now raises ImportError
+    args = (3, [(0, 1), (0, 2), (1, 2)], [0.0, 1.0, 2.0], [(0, 1, 2)], [3.0])
+    with pytest.raises(MissingExtraError, match=r"hodgecover\[gudhi\]"):
+        filtration(*args, backend="gudhi")
+    assert filtration(*args, backend="auto").beta1.tolist()[-1] == 0  # falls back to the exact ranks

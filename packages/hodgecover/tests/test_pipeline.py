@@ -1,16 +1,19 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
+import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from hodgecover.barriers import BarrierConfig
+from hodgecover.barriers import BarrierConfig, LayerStats
 from hodgecover.calibration import perplexity, token_blocks
 from hodgecover.complex import SimplicialComplex, decompose
 from hodgecover.moe import find_moe_layers
-from hodgecover.pipeline import METHODS, HodgeCoverConfig, analyze, apply_plan, plan
+from hodgecover.pipeline import METHODS, HodgeCoverConfig, analyze, analyze_layer, apply_plan, plan
 from hodgecover.wanda import second_ratio, wanda_mask, wanda_prune
 from hodgecover_models import moe_model
 
@@ -32,12 +35,11 @@ def test_analysis_decomposes_the_barriers_of_the_chosen_complex(analysed):
         assert len(a.pairs) == 28 and a.curve is not None
         assert a.curve.beta1[a.curve.best_index] == a.curve.beta1.max() == a.complex.betti_numbers()[1]
         lookup = dict(zip(a.pairs, a.pair_barriers))
-        signal = np.array([lookup[e] for e in a.complex.edges])
+        signal = np.array([lookup[e] for e in a.complex.edges]) * a.signs  # oriented by routing frequency
+        assert set(a.signs.tolist()) <= {-1.0, 1.0}
         np.testing.assert_allclose(a.parts.gradient + a.parts.curl + a.parts.harmonic, signal, atol=1e-12)
         assert all(lookup[e] <= a.curve.best_threshold for e in a.complex.edges)
-        for t in a.triangles:  # candidates are 3-cliques of low-barrier pairs
-            med = np.median(a.pair_barriers)
-            assert all(lookup[e] <= med for e in [(t[0], t[1]), (t[0], t[2]), (t[1], t[2])])
+        assert len(a.triangles) == 56  # stratified candidates: all C(8, 3) triangles fit under the cap
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -192,7 +194,8 @@ def test_triangle_filtration_without_candidate_triangles_falls_back_to_the_compl
         assert a.triangles == [] and a.curve is None
         assert a.complex.edges == a.pairs and a.complex.num_triangles == 0
         lookup = dict(zip(a.pairs, a.pair_barriers))
-        np.testing.assert_allclose(a.parts.gradient + a.parts.harmonic, [lookup[e] for e in a.pairs], atol=1e-12)
+        np.testing.assert_allclose(a.parts.gradient + a.parts.harmonic, np.array([lookup[e] for e in a.pairs]) * a.signs,
+                                   atol=1e-12)
     assert plan(analyses, "hodgecover", 0.5, config).keep.keys() == analyses.keys()
 
 
@@ -208,3 +211,40 @@ def test_pyg_export_without_torch_geometric_names_the_extra(monkeypatch):
     with pytest.raises(MissingExtraError, match=r"hodgecover\[pyg\]") as err:
         to_pyg(SimplicialComplex(2, [(0, 1)]))
     assert isinstance(err.value, ImportError) and isinstance(err.value, KlcoreError)
+
+
+class _FakeEngine:
+    """Stands in for a BarrierEngine with given pair barriers; a triangle's barrier is its largest edge + 0.01."""
+
+    def __init__(self, n, values):
+        self.pairs = list(itertools.combinations(range(n), 2))
+        self.values = dict(zip(self.pairs, values))
+        moe = SimpleNamespace(num_experts=n, top_k=2)
+        self.by_index = {0: moe}
+        self.stats = {0: LayerStats(frequencies=torch.ones(n) / n, reap=torch.ones(n), input_sq=torch.zeros(n, 1),
+                                    hidden_sq=torch.zeros(n, 1), mean_output=torch.zeros(n, 1))}
+
+    def pair_barriers(self, layer):
+        return self.pairs, np.array([self.values[p] for p in self.pairs])
+
+    def triplet_barriers(self, layer, tris):
+        return np.array([max(self.values[(i, j)], self.values[(i, k)], self.values[(j, k)]) + 0.01
+                         for i, j, k in tris])
+
+
+def test_stratified_candidates_let_the_filtration_filter_and_the_median_rule_warns():
+    n = 12
+    engine = _FakeEngine(n, np.random.default_rng(3).exponential(size=math.comb(n, 2)))
+    base = dict(num_thresholds=30, triangle_cap=150, barrier=BarrierConfig(progress=False))
+    with pytest.warns(UserWarning, match="tau\\* is the last threshold"):
+        median = analyze_layer(engine, 0, HodgeCoverConfig(triangle_sampling="median", **base))
+    assert median.curve.best_index == len(median.curve.thresholds) - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        strat = analyze_layer(engine, 0, HodgeCoverConfig(**base))
+    assert len(strat.triangles) == 150
+    assert 0 < strat.curve.best_index < len(strat.curve.thresholds) - 1
+    assert strat.complex.num_edges < math.comb(n, 2)  # K_tau* is a proper subcomplex
+    levels = [max(engine.values[(i, j)], engine.values[(i, k)], engine.values[(j, k)]) for i, j, k in strat.triangles]
+    top = max(engine.values.values())
+    assert min(levels) < 0.25 * top and max(levels) > 0.75 * top  # candidates at low and high levels alike

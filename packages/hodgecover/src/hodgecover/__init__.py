@@ -30,6 +30,7 @@ from hodgecover.pipeline import (
     plan,
     select_layer,
 )
+from hodgecover.redirect_checkpoint import load_redirected, save_redirected
 from hodgecover.selection import (
     coverage_objective,
     critical_edges,
@@ -40,7 +41,7 @@ from hodgecover.selection import (
     redirect_map,
     retained_mass,
 )
-from hodgecover.surgery import RedirectRouter, apply_redirect, merge_groups, prune_experts
+from hodgecover.surgery import RedirectRouter, apply_redirect, merge_groups, prune_experts, redirect_of_groups
 from hodgecover.wanda import hybrid_sparsity, second_ratio, wanda_mask, wanda_prune
 
 __all__ = [
@@ -74,6 +75,7 @@ __all__ = [
     "find_moe_layers",
     "greedy_cover",
     "hybrid_sparsity",
+    "load_redirected",
     "hodge_decomposition",
     "merge_groups",
     "merge_operator",
@@ -83,7 +85,9 @@ __all__ = [
     "plan",
     "prune_experts",
     "redirect_map",
+    "redirect_of_groups",
     "retained_mass",
+    "save_redirected",
     "second_ratio",
     "select_layer",
     "to_pyg",

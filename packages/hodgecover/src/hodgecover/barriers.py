@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from hodgecover.moe import MoELayer, decoder_of, find_moe_layers, merged
 from klcore.divergences import kl
-from klcore.errors import CheckpointError, ConfigError, DataError, DTypeError, ShapeError
+from klcore.errors import CheckpointError, ConfigError, DataError, DTypeError, NonFiniteError, ShapeError
 
 KL_DIRECTIONS = ("forward", "reverse")
 
@@ -109,9 +110,15 @@ class BarrierCache:
                 f"barrier cache {path} was computed for another model, calibration set or KL direction "
                 f"(fingerprint {found!r}, expected {self.fingerprint!r}); use another path or delete it"
             )
+        dropped = 0
         for record in records:
-            self.values.update({k: float(v) for k, v in record.get("values", {}).items()})
-        if len(records) < len(lines):
+            for k, v in record.get("values", {}).items():
+                if v is None or not math.isfinite(float(v)):  # written by an older version: recompute it
+                    dropped += 1
+                    self.values.pop(k, None)
+                else:
+                    self.values[k] = float(v)
+        if len(records) < len(lines) or dropped:
             self.compact()
 
     @staticmethod
@@ -138,6 +145,32 @@ class BarrierCache:
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "values": self.values}) + "\n")
         os.replace(tmp, self.path)
+
+
+FINGERPRINT_SAMPLES = 1 << 16
+
+
+@torch.no_grad()
+def weight_fingerprint(state_dict: dict[str, torch.Tensor], samples: int = FINGERPRINT_SAMPLES) -> str:
+    """SHA-256 over every tensor's name, shape and dtype, its values at ``samples`` evenly strided flat positions
+    (all of them for smaller tensors), its slice sums along dim 0 (one number per expert, row or channel) and its
+    sum and sum of squares. Reordering experts (dim 0 of ``[E, ...]``) or rows changes the strided samples and the
+    slice sums, so a permuted model does not collide; the reductions run where the tensor lives (float64, float32
+    on MPS) and only ``samples + shape[0] + 2`` numbers per tensor cross to the CPU."""
+    h = hashlib.sha256()
+    for name, t in state_dict.items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        x = t.detach()
+        acc = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+        x = x.to(acc)
+        flat = x.reshape(-1)
+        if flat.numel() > samples:
+            flat = flat[torch.linspace(0, flat.numel() - 1, samples, device=flat.device).long()]
+        parts = [flat, torch.stack([x.sum(), x.square().sum()])]
+        if x.dim() >= 2:
+            parts.append(x.reshape(x.shape[0], -1).sum(1))
+        h.update(torch.cat([p.reshape(-1) for p in parts]).cpu().double().numpy().tobytes())
+    return h.hexdigest()
 
 
 @contextmanager
@@ -284,22 +317,15 @@ class BarrierEngine:
 
     @torch.no_grad()
     def _fingerprint(self) -> str:
-        """Hash of the tokens, KL direction, model config JSON and, per ``state_dict`` tensor, its name, shape,
-        dtype, sum and sum of squares (float64 reductions where the tensor lives; two numbers cross per tensor)."""
+        """Hash of the tokens, KL direction, model config JSON and every ``state_dict`` tensor; see
+        ``weight_fingerprint``."""
         h = hashlib.sha256()
         h.update(self.tokens.cpu().numpy().tobytes())
         h.update(self.config.kl_direction.encode())
         config = getattr(self.model, "config", None)
         to_json = getattr(config, "to_json_string", None)
         h.update((to_json(use_diff=False) if to_json is not None else "").encode())
-        sums = []
-        for name, t in self.model.state_dict().items():
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-            x = t.detach() if t.is_floating_point() else t.detach().float()
-            acc = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
-            sums.append(torch.stack([x.sum(dtype=acc), x.square().sum(dtype=acc)]).cpu().double())
-        if sums:
-            h.update(torch.cat(sums).numpy().tobytes())
+        h.update(weight_fingerprint(self.model.state_dict()).encode())
         return h.hexdigest()[:16]
 
     # ------------------------------------------------------------------ evaluation
@@ -366,12 +392,23 @@ class BarrierEngine:
         todo = [k for k in dict.fromkeys(keys) if len(k) > 1 and BarrierCache.key(layer, k) not in self.cache.values]
         step = self.config.merges_per_pass
         batches = [todo[i:i + step] for i in range(0, len(todo), step)]
-        for batch in tqdm(batches, desc=f"{desc} layer {layer}", disable=not self.config.progress or not batches):
-            values = self._evaluate(moe, batch)
-            self.cache.add({BarrierCache.key(layer, members): v for members, v in zip(batch, values)})
-            self.evaluations += len(batch)
-        if batches:
-            self.cache.compact()
+        try:
+            for batch in tqdm(batches, desc=f"{desc} layer {layer}", disable=not self.config.progress or not batches):
+                values = self._evaluate(moe, batch)
+                finite = {BarrierCache.key(layer, m): v for m, v in zip(batch, values) if math.isfinite(v)}
+                self.cache.add(finite)  # a non-finite barrier is never cached: a re-run recomputes it
+                self.evaluations += len(batch)
+                bad = [m for m, v in zip(batch, values) if not math.isfinite(v)]
+                if bad:
+                    raise NonFiniteError(
+                        f"layer {layer}: merging experts {bad[0]} gives a non-finite barrier (NaN or inf logits; "
+                        f"{len(bad)} of this batch). Non-finite values are never cached, so the cache stays usable and a "
+                        "re-run recomputes only them; load the model in float32 (--set dtype=float32) or check its "
+                        "weights for NaN/inf (a changed model needs a fresh cache path)"
+                    )
+        finally:
+            if batches:
+                self.cache.compact()
         return np.array([0.0 if len(k) == 1 else self.cache.values[BarrierCache.key(layer, k)] for k in keys])
 
     def pair_barriers(self, layer: int) -> tuple[list[tuple[int, int]], np.ndarray]:
@@ -383,30 +420,80 @@ class BarrierEngine:
         return self.barriers(layer, triangles, desc="triplets")
 
 
+def _cliques(n: int, edges: set[tuple[int, int]]) -> np.ndarray:
+    """``[T, 3]`` int64: every 3-clique ``i < j < k`` of the graph on ``0..n-1``, lexicographic."""
+    adj = np.zeros((n, n), dtype=bool)
+    for i, j in edges:
+        adj[i, j] = adj[j, i] = True
+    out = []
+    for i, j in sorted(edges):
+        ks = np.flatnonzero(adj[i, j + 1:] & adj[j, j + 1:]) + j + 1
+        out.append(np.stack([np.full(len(ks), i), np.full(len(ks), j), ks], 1))
+    return np.concatenate(out).astype(np.int64) if out else np.zeros((0, 3), dtype=np.int64)
+
+
 def candidate_triangles(
     edges: Sequence[tuple[int, int]], values: ArrayLike, *, cap: int = 500, seed: int = 0,
-    quantile: float = 0.5,
+    quantile: float = 0.5, levels: int | None = None,
 ) -> list[tuple[int, int, int]]:
-    """3-cliques of the graph of edges with barrier <= the ``quantile`` (median by default) of ``values``,
-    sorted; a seeded random subset of ``cap`` of them when there are more."""
-    if cap < 0 or not 0.0 < quantile <= 1.0:
-        raise ConfigError(f"need cap >= 0 and quantile in (0, 1], got cap={cap}, quantile={quantile}")
+    """Candidate triangles for the filtration, sorted.
+
+    ``levels=None`` (the paper's rule): 3-cliques of the graph of edges with barrier <= the ``quantile`` (median by
+    default) of ``values``, a seeded random subset of ``cap`` when there are more. ``levels=L``: 3-cliques of the
+    whole graph, stratified by the level at which their three edges are present (the largest edge barrier, in
+    ``L`` equal-width bins over ``values``): the ``cap`` is shared evenly by the bins (a bin with fewer triangles
+    passes its share on), so every threshold of the filtration has triangles that can fill its cycles. Within a bin
+    the picks are evenly spaced in the order of (level, sum of edge barriers, smallest edge barrier), which does not
+    depend on how the experts are numbered (``seed`` is used by the ``levels=None`` rule only).
+    """
+    if cap < 0 or not 0.0 < quantile <= 1.0 or (levels is not None and levels < 1):
+        raise ConfigError(f"need cap >= 0, quantile in (0, 1] and levels >= 1, got cap={cap}, quantile={quantile}, "
+                          f"levels={levels}")
     vals = np.asarray(values, dtype=float).reshape(-1)
     if vals.shape != (len(edges),):
         raise ShapeError(f"need one barrier value per edge: got {vals.shape[0]} values for {len(edges)} edges; "
                          "pass the pairs and the barriers returned together by pair_barriers")
     if vals.size == 0:
         return []
-    cut = np.quantile(vals, quantile)
-    low = {tuple(sorted(e)) for e, v in zip(edges, vals) if v <= cut}
-    nbrs: dict[int, set[int]] = {}
-    for i, j in low:
-        nbrs.setdefault(i, set()).add(j)
-    tris = sorted((i, j, k) for i, j in low for k in nbrs.get(j, ()) if k in nbrs.get(i, ()))
-    if len(tris) > cap:
-        rng = np.random.default_rng(seed)
-        tris = sorted(tris[t] for t in rng.choice(len(tris), size=cap, replace=False))
-    return tris
+    rng = np.random.default_rng(seed)
+    sorted_edges = [tuple(sorted(e)) for e in edges]
+    n = max(max(e) for e in sorted_edges) + 1
+    if levels is None:
+        cut = np.quantile(vals, quantile)
+        tris = _cliques(n, {e for e, v in zip(sorted_edges, vals) if v <= cut})  # type: ignore[misc]
+        if len(tris) > cap:
+            tris = tris[np.sort(rng.choice(len(tris), size=cap, replace=False))]
+        return [tuple(int(v) for v in t) for t in tris]  # type: ignore[misc]
+    tris = _cliques(n, set(sorted_edges))  # type: ignore[arg-type]
+    if len(tris) <= cap:
+        return [tuple(int(v) for v in t) for t in tris]  # type: ignore[misc]
+    value = np.full((n, n), -np.inf)
+    for (i, j), v in zip(sorted_edges, vals):
+        value[i, j] = max(value[i, j], v)
+    faces = np.stack([value[tris[:, 0], tris[:, 1]], value[tris[:, 0], tris[:, 2]], value[tris[:, 1], tris[:, 2]]])
+    level = faces.max(0)
+    # within a bin, triangles in order of (level, edge sum, smallest edge): a numbering-free order
+    order = np.lexsort((faces.min(0), faces.sum(0), level))
+    edges_of_bins = np.linspace(vals.min(), vals.max(), levels + 1)[1:-1]
+    bin_of = np.digitize(level[order], edges_of_bins, right=True)
+    bins = [order[bin_of == b] for b in range(levels)]
+    chosen, left = [], cap
+    for rank, b in enumerate(sorted(range(levels), key=lambda b: len(bins[b]))):  # smallest bins first
+        take = min(left // (levels - rank), len(bins[b]))
+        chosen.append(bins[b][np.round(np.linspace(0, len(bins[b]) - 1, take)).astype(np.int64)] if take else
+                      bins[b][:0])
+        left -= take
+    picked = np.sort(np.concatenate(chosen))
+    return [tuple(int(v) for v in t) for t in tris[picked]]  # type: ignore[misc]
 
 
-__all__ = ["KL_DIRECTIONS", "BarrierCache", "BarrierConfig", "BarrierEngine", "LayerStats", "candidate_triangles"]
+__all__ = [
+    "FINGERPRINT_SAMPLES",
+    "KL_DIRECTIONS",
+    "BarrierCache",
+    "BarrierConfig",
+    "BarrierEngine",
+    "LayerStats",
+    "candidate_triangles",
+    "weight_fingerprint",
+]

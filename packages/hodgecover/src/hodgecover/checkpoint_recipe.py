@@ -1,7 +1,9 @@
 """Recipe ``hodgecover``: compress a Hugging Face MoE checkpoint folder (``--set model=PATH --set ratio=0.5``).
 
 Barriers are cached in ``OUT/barriers.jsonl``: re-running with the same ``--out`` continues an interrupted run.
-The pruned model (with its tokenizer) is saved to ``OUT/model`` and loads with ``from_pretrained``.
+The compressed model (with its tokenizer) is saved to ``OUT/model`` and loads with ``from_pretrained``; a redirected
+one (``dropped=redirect`` or ``hc-smoe``) is saved as a stock checkpoint with one slot per original expert holding
+its survivor's weights, plus ``redirect.pt``, and ``load_redirected(OUT/model)`` gives back the compact model.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 
 from hodgecover.calibration import perplexity, token_blocks
 from hodgecover.pipeline import METHODS, HodgeCoverConfig, analyze, apply_plan, plan
+from hodgecover.redirect_checkpoint import save_redirected
+from hodgecover.relabeling import SPREAD_METHODS, relabeling_spread
 from hodgecover.toy_recipe import toy_text
 from hodgecover.wanda import hybrid_sparsity, wanda_prune
 from klcore.errors import CheckpointError, ConfigError
@@ -80,6 +84,10 @@ def run(config: CheckpointConfig, run_dir: Path) -> dict[str, Any]:
     summary: dict[str, Any] = {"plan": chosen.summary(), "layers": layer_table(analyses),
                                "barrier_evaluations": engine.evaluations,
                                "calibration": config.calibration or "built-in toy text (pass --set calibration=FILE)"}
+    spread_methods = tuple(m for m in (config.method,) if m in SPREAD_METHODS)
+    if config.hodgecover.relabelings and spread_methods:
+        summary["relabeling"] = {layer: relabeling_spread(a, config.hodgecover, config.ratio, methods=spread_methods)
+                                 for layer, a in analyses.items()}
     held_out = None
     if config.evaluation:
         held_out = token_blocks(tokenizer, config.evaluation, num_tokens=config.num_tokens, seq_len=config.seq_len,
@@ -92,20 +100,27 @@ def run(config: CheckpointConfig, run_dir: Path) -> dict[str, Any]:
     if held_out is not None:
         summary["eval/ppl_compressed"] = perplexity(model, held_out)
     summary["time_s"] = time.perf_counter() - t0
-    if config.save and chosen.redirect is None:
-        model.save_pretrained(run_dir / "model")
+    if config.save:
+        if chosen.redirect is None:
+            model.save_pretrained(run_dir / "model")
+        else:  # stock E-slot checkpoint (tied survivor weights) + redirect.pt for load_redirected
+            save_redirected(model, run_dir / "model")
+            summary["load_with"] = "hodgecover.load_redirected (compact) or from_pretrained (E slots, same logits)"
         tokenizer.save_pretrained(run_dir / "model")
         summary["saved_to"] = str(run_dir / "model")
-    elif config.save:
-        torch.save({k: v.cpu() for k, v in chosen.redirect.items()}, run_dir / "redirect.pt")  # type: ignore[union-attr]
-        summary["saved_to"] = "redirect.pt only: a redirected model is a module patch, not a stock checkpoint"
     plot_energy(analyses, run_dir / "energy.png")
     plot_filtration(analyses, run_dir / "filtration.png")
     rows = [[r["layer"], r["edges"], r["triangles"], r["tau_star"], r["energy/gradient"], r["energy/curl"],
              r["energy/harmonic"]] for r in summary["layers"]]
+    spread = summary.get("relabeling", {})
+    spread_rows = [[layer, r["relabelings"], r["harmonic_share_min"], r["harmonic_share_max"],
+                    r[f"{config.method}/distinct_sets"], r[f"{config.method}/min_jaccard"]] for layer, r in spread.items()]
+    spread_md = ("\n\nrelabeling spread (experts renumbered at random, barriers reused):\n\n" + markdown_table(
+        ["layer", "relabelings", "harm. share min", "harm. share max", "distinct survivor sets", "min Jaccard"],
+        spread_rows)) if spread_rows else ""
     (run_dir / "report.md").write_text(
         f"# hodgecover on {config.model}\n\nmethod {config.method}, ratio {config.ratio}\n\n"
-        + markdown_table(["layer", "edges", "triangles", "tau*", "E_grad", "E_curl", "E_harm"], rows)
+        + markdown_table(["layer", "edges", "triangles", "tau*", "E_grad", "E_curl", "E_harm"], rows) + spread_md
         + "\n\n```json\n" + json.dumps({k: v for k, v in summary.items() if k.startswith("eval/")}, indent=2)
         + "\n```\n\n![energy](energy.png) ![filtration](filtration.png)\n"
     )

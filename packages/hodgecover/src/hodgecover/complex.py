@@ -2,19 +2,21 @@
 
 Orientation convention (fixed, as in the method notes): every edge is stored as ``(i, j)`` with ``i < j``
 and oriented from ``i`` to ``j``; every triangle as ``(i, j, k)`` with ``i < j < k``. Edges and
-triangles are sorted lexicographically, and edge signals are read in the order of
-``SimplicialComplex.edges``. With this convention
+triangles are sorted lexicographically. An edge signal is a mapping ``{(i, j): value}`` keyed by edge (a key with
+``i > j`` is a flow from ``i`` to ``j``, stored negated) or an array in the order of ``SimplicialComplex.edges``,
+accepted only when the complex kept the order it was given. With this convention
 
 * ``B1[i, e] = -1``, ``B1[j, e] = +1`` for ``e = (i, j)``  (shape ``[n, |E|]``),
 * ``B2[(j,k), t] = +1``, ``B2[(i,k), t] = -1``, ``B2[(i,j), t] = +1``  (shape ``[|E|, |T|]``),
 
-so ``B1 @ B2 == 0``. A barrier is an unsigned quantity, so its energy split depends on this
-convention (flipping one edge changes it); the convention is therefore not an option.
+so ``B1 @ B2 == 0``. A barrier is an unsigned quantity, so its energy split depends on which way each edge points;
+the pipeline therefore orients the barrier by a property of the experts (``orientation.edge_orientation``) and passes
+the signed signal here, so the storage convention itself never shapes the result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,10 +26,13 @@ from numpy.typing import ArrayLike
 from scipy.sparse.csgraph import connected_components
 from scipy.sparse.linalg import lsmr, lsqr
 
+from hodgecover.extras import MissingExtraError
 from klcore.errors import ConfigError, DataError, NonFiniteError, ShapeError
 
 Solver = Literal["auto", "lsqr", "lsmr", "dense"]
 FiltrationMode = Literal["joint", "triangles"]
+Backend = Literal["auto", "gudhi", "exact"]
+BACKENDS = ("auto", "gudhi", "exact")
 SOLVERS = ("auto", "lsqr", "lsmr", "dense")
 FILTRATION_MODES = ("joint", "triangles")
 _DENSE_MAX_COLUMNS = 64
@@ -65,7 +70,10 @@ class SimplicialComplex:
         if int(num_vertices) != num_vertices or num_vertices < 1:
             raise DataError(f"num_vertices must be a positive integer, got {num_vertices!r}")
         self.num_vertices = int(num_vertices)
+        edges = list(edges)
         self.edges: list[tuple[int, int]] = self._simplices(edges, 2, "edge")  # type: ignore[assignment]
+        # whether a signal given as a plain array in the caller's edge order is already in the stored order
+        self.edge_order_kept = [tuple(_members(e, "edge")) for e in edges] == self.edges
         self.triangles: list[tuple[int, int, int]] = self._simplices(triangles, 3, "triangle")  # type: ignore[assignment]
         self.edge_index: dict[tuple[int, int], int] = {e: k for k, e in enumerate(self.edges)}
         for t in self.triangles:
@@ -171,15 +179,41 @@ class HodgeDecomposition:
     energies: dict[str, float] = field(default_factory=dict)
 
 
-def _as_signal(complex_: SimplicialComplex, edge_signal: object) -> np.ndarray:
-    if hasattr(edge_signal, "detach"):
-        edge_signal = edge_signal.detach().cpu().double().numpy()  # type: ignore[attr-defined]
-    b = np.asarray(edge_signal, dtype=np.float64)
-    if b.shape != (complex_.num_edges,):
-        raise ShapeError(
-            f"edge_signal has shape {b.shape}, expected ({complex_.num_edges},): one value per edge of the complex, "
-            "in the order of complex.edges"
-        )
+def as_edge_signal(complex_: SimplicialComplex, edge_signal: object) -> np.ndarray:
+    """``[|E|]`` float64 in the order and orientation of ``complex_.edges``.
+
+    A mapping ``{(i, j): value}`` is keyed by edge: ``(i, j)`` with ``i > j`` means the value flows from ``i`` to
+    ``j``, stored negated on ``(j, i)``; every edge needs exactly one entry. A plain array is read in the order of
+    ``complex_.edges``, and only when that is the order the complex was built with (else ``DataError``).
+    """
+    if isinstance(edge_signal, Mapping):
+        b = np.zeros(complex_.num_edges)
+        seen: set[tuple[int, int]] = set()
+        for raw, value in edge_signal.items():
+            i, j = (_vertex(v, "edge", raw) for v in _members(raw, "edge"))
+            key = (min(i, j), max(i, j))
+            if key not in complex_.edge_index or key in seen:
+                raise DataError(f"edge_signal key {raw!r} is {'repeated' if key in seen else 'not an edge of the complex'}")
+            seen.add(key)
+            b[complex_.edge_index[key]] = float(value) if i < j else -float(value)  # type: ignore[arg-type]
+        if len(seen) != complex_.num_edges:
+            missing = [e for e in complex_.edges if e not in seen][:3]
+            raise DataError(f"edge_signal has no value for {complex_.num_edges - len(seen)} edges, e.g. {missing}")
+    else:
+        if hasattr(edge_signal, "detach"):
+            edge_signal = edge_signal.detach().cpu().double().numpy()  # type: ignore[attr-defined]
+        b = np.asarray(edge_signal, dtype=np.float64)
+        if b.shape != (complex_.num_edges,):
+            raise ShapeError(
+                f"edge_signal has shape {b.shape}, expected ({complex_.num_edges},): one value per edge of the complex, "
+                "in the order of complex.edges"
+            )
+        if not complex_.edge_order_kept:
+            raise DataError(
+                "the complex sorted or reoriented the edges it was given, so an array edge_signal is ambiguous; pass "
+                "a mapping {(i, j): value} (e.g. dict(zip(your_edges, values))) or build the complex from "
+                "edges already sorted as (i, j) with i < j"
+            )
     if not np.all(np.isfinite(b)):
         raise NonFiniteError("edge_signal holds NaN or infinite values; pass finite barriers")
     return b
@@ -210,7 +244,7 @@ def decompose(
     """
     if solver not in SOLVERS:
         raise ConfigError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    b = _as_signal(complex_, edge_signal)
+    b = as_edge_signal(complex_, edge_signal)
     b1, b2 = complex_.boundary(1), complex_.boundary(2)
     if solver == "auto" and complex_.is_complete_graph():
         potential = (b1 @ b) / complex_.num_vertices
@@ -288,6 +322,64 @@ def filtration_complex(
     return SimplicialComplex(num_vertices, kept_edges, kept_triangles)
 
 
+def _joint_entries(
+    edges: Sequence[tuple[int, int]], ev: np.ndarray, triangles: Sequence[tuple[int, int, int]], tv: np.ndarray,
+    mode: str, start: float,
+) -> tuple[list[tuple[int, int]], np.ndarray, list[tuple[int, int, int]], np.ndarray]:
+    """Each simplex with the threshold at which it enters ``K_tau`` (``filtration_complex``'s rule); triangles
+    whose edges are not all given never enter and are left out."""
+    sorted_edges = [tuple(sorted(e)) for e in edges]
+    edge_entry = np.full(len(edges), start) if mode == "triangles" else ev
+    entry = dict(zip(sorted_edges, edge_entry))
+    tris, t_entry = [], []
+    for t, v in zip(triangles, tv):
+        i, j, k = sorted(t)
+        faces = ((i, j), (i, k), (j, k))
+        if all(f in entry for f in faces):
+            tris.append((i, j, k))
+            t_entry.append(max(float(v), *(float(entry[f]) for f in faces)))
+    return sorted_edges, np.asarray(edge_entry, dtype=np.float64), tris, np.asarray(t_entry)  # type: ignore[return-value]
+
+
+def _betti_curve_gudhi(
+    num_vertices: int, edges: list[tuple[int, int]], edge_entry: np.ndarray, triangles: list[tuple[int, int, int]],
+    tri_entry: np.ndarray, thresholds: np.ndarray, gudhi: object,
+) -> np.ndarray:
+    """``[len(thresholds), 3]`` Betti numbers from gudhi's persistence: ``beta_d(tau)`` counts the intervals of
+    dimension ``d`` born at or before ``tau`` that die after it."""
+    tree = gudhi.SimplexTree()  # type: ignore[attr-defined]
+    floor = float(thresholds[0]) - 1.0
+    for v in range(num_vertices):
+        tree.insert([v], filtration=floor)
+    for (i, j), f in zip(edges, edge_entry):
+        tree.insert([i, j], filtration=float(f))
+    for t, f in zip(triangles, tri_entry):
+        tree.insert(list(t), filtration=float(f))
+    tree.compute_persistence(homology_coeff_field=11, persistence_dim_max=True)
+    out = np.zeros((len(thresholds), 3), dtype=np.int64)
+    for d in range(3):
+        iv = np.asarray(tree.persistence_intervals_in_dimension(d), dtype=np.float64).reshape(-1, 2)
+        born = iv[:, 0][None, :] <= thresholds[:, None]
+        alive = iv[:, 1][None, :] > thresholds[:, None]
+        out[:, d] = (born & alive).sum(1)
+    return out
+
+
+def _gudhi_module(backend: str) -> object | None:
+    if backend == "exact":
+        return None
+    try:
+        import gudhi
+    except ImportError as err:
+        if backend == "gudhi":
+            raise MissingExtraError(
+                f"filtration backend 'gudhi' needs gudhi, which is not importable ({err}); install the extra: "
+                "pip install 'hodgecover[gudhi]', or use backend='exact'"
+            ) from err
+        return None
+    return gudhi
+
+
 def filtration(
     num_vertices: int,
     edges: Sequence[tuple[int, int]],
@@ -297,32 +389,55 @@ def filtration(
     *,
     num_thresholds: int = 80,
     mode: FiltrationMode = "joint",
+    backend: Backend = "auto",
 ) -> Filtration:
     """The beta curve over ``num_thresholds`` evenly spaced thresholds from the smallest to the largest value
-    (edge and triangle values for ``joint``, triangle values for ``triangles``)."""
+    (edge and triangle values for ``joint``, triangle values for ``triangles``).
+
+    ``backend``: ``gudhi`` (persistent homology of the whole filtration in one pass; ``pip install
+    'hodgecover[gudhi]'``), ``exact`` (ranks of every ``K_tau`` over the reals, one per threshold) or ``auto``
+    (gudhi when importable). Both give the same curve (gudhi works over Z/11, which differs from the reals only
+    for a complex with 11-torsion).
+    """
     if num_thresholds < 2:
         raise ConfigError(f"num_thresholds must be >= 2, got {num_thresholds}")
+    if mode not in FILTRATION_MODES:
+        raise ConfigError(f"filtration mode must be one of {FILTRATION_MODES}, got {mode!r}")
+    if backend not in BACKENDS:
+        raise ConfigError(f"filtration backend must be one of {BACKENDS}, got {backend!r}")
+    ev = np.asarray(edge_values, dtype=np.float64).reshape(-1)
     tv = np.asarray(triangle_values, dtype=np.float64).reshape(-1)
-    values = tv if mode == "triangles" else np.concatenate([np.asarray(edge_values, dtype=np.float64).reshape(-1), tv])
+    if ev.shape != (len(edges),) or tv.shape != (len(triangles),):
+        raise ShapeError(
+            f"need one value per edge and per triangle, got {ev.shape} for {len(edges)} edges and "
+            f"{tv.shape} for {len(triangles)} triangles"
+        )
+    values = tv if mode == "triangles" else np.concatenate([ev, tv])
     if values.size == 0:
         raise DataError("the filtration needs at least one edge or triangle value")
     if not np.all(np.isfinite(values)):
         raise NonFiniteError("filtration values hold NaN or infinite entries")
     thresholds = np.linspace(values.min(), values.max(), num_thresholds)
-    betti = np.array([
-        filtration_complex(num_vertices, edges, edge_values, triangles, triangle_values, float(t), mode=mode)
-        .betti_numbers()
-        for t in thresholds
-    ])
+    gudhi = _gudhi_module(backend)
+    if gudhi is not None:
+        entries = _joint_entries(edges, ev, triangles, tv, mode, float(thresholds[0]))
+        betti = _betti_curve_gudhi(num_vertices, *entries, thresholds, gudhi)
+    else:
+        betti = np.array([
+            filtration_complex(num_vertices, edges, ev, triangles, tv, float(t), mode=mode).betti_numbers()
+            for t in thresholds
+        ])
     return Filtration(thresholds, betti[:, 0], betti[:, 1], betti[:, 2], mode)
 
 
 __all__ = [
+    "BACKENDS",
     "FILTRATION_MODES",
     "SOLVERS",
     "Filtration",
     "HodgeDecomposition",
     "SimplicialComplex",
+    "as_edge_signal",
     "decompose",
     "filtration",
     "filtration_complex",

@@ -7,12 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hodgecover.complex import HodgeDecomposition, SimplicialComplex
-from klcore.errors import KlcoreError
-
-
-class MissingExtraError(KlcoreError, ImportError):
-    """An optional dependency of hodgecover is not installed; the message names the extra to install."""
+from hodgecover.complex import HodgeDecomposition, SimplicialComplex, as_edge_signal
+from hodgecover.extras import MissingExtraError
 
 
 def to_pyg(complex_: SimplicialComplex, parts: HodgeDecomposition | None = None, edge_signal: Any = None) -> Any:
@@ -32,7 +28,7 @@ def to_pyg(complex_: SimplicialComplex, parts: HodgeDecomposition | None = None,
     data = Data(num_nodes=complex_.num_vertices, edge_index=index(complex_.edges, 2),
                 triangle_index=index(complex_.triangles, 3))
     if edge_signal is not None:
-        data.edge_signal = torch.as_tensor(np.asarray(edge_signal, dtype=np.float32))
+        data.edge_signal = torch.as_tensor(as_edge_signal(complex_, edge_signal), dtype=torch.float32)
     if parts is not None:
         for name in ("gradient", "curl", "harmonic"):
             setattr(data, name, torch.as_tensor(getattr(parts, name), dtype=torch.float32))

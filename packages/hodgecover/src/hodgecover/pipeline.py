@@ -7,6 +7,7 @@ Every choice the method notes leave open is a field of ``HodgeCoverConfig`` with
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from hodgecover.barriers import BarrierConfig, BarrierEngine, LayerStats, candidate_triangles
 from hodgecover.complex import (
+    BACKENDS,
     FILTRATION_MODES,
     SOLVERS,
     Filtration,
@@ -26,6 +28,7 @@ from hodgecover.complex import (
     filtration_complex,
 )
 from hodgecover.complex import filtration as beta_curve
+from hodgecover.orientation import ORIENTATIONS, edge_orientation
 from hodgecover.selection import (
     critical_edges,
     critical_triangles,
@@ -35,13 +38,15 @@ from hodgecover.selection import (
     redirect_map,
     retained_mass,
 )
-from hodgecover.surgery import apply_redirect, merge_groups, prune_experts
+from hodgecover.surgery import apply_redirect, merge_groups, prune_experts, redirect_of_groups
 from klcore.errors import ConfigError
 
 METHODS = ("hodgecover", "no-triangle", "greedy-barrier", "reap", "frequency", "random", "hc-smoe")
 SALIENCIES = ("reap", "frequency", "none")
 TRIPLET_VALUES = ("raw", "excess")
 DROPPED = ("prune", "redirect")
+TRIANGLE_SAMPLINGS = ("stratified", "median")
+SALIENCY_SCALES = ("normalised", "raw")
 
 
 @dataclass
@@ -49,21 +54,34 @@ class HodgeCoverConfig:
     """Options of the method (defaults marked [assumed] were not recoverable from the paper; see the docs).
 
     ``filtration``: ``joint`` (edges and triangles enter at their barrier; default), ``triangles`` (all edges,
-    triangles by barrier) or ``none`` (complete graph plus every candidate triangle). ``triplet_value``: ``raw``
+    triangles by barrier) or ``none`` (complete graph plus every candidate triangle); ``filtration_backend``:
+    ``auto``/``gudhi``/``exact`` (``complex.filtration``). ``triangle_sampling``: ``stratified`` (candidates from
+    every level of the filtration, ``triangle_cap`` shared across ``num_thresholds`` levels) or ``median`` (the
+    paper's cliques of edges at or below the ``triangle_quantile`` of the barriers). ``triplet_value``: ``raw``
     ``b_ijk`` or ``excess`` ``b_ijk - max(b_ij, b_ik, b_jk)``. ``dropped``: ``prune`` (delete router rows) or
-    ``redirect`` (keep rows, remap to the harmonic-weighted nearest survivor).
+    ``redirect`` (keep rows, remap to the harmonic-weighted nearest survivor). ``orientation``: how the unsigned
+    barrier is oriented before the decomposition (``orientation.ORIENTATIONS``; ``frequency`` default, ``index`` the
+    paper's ``i < j``). ``saliency_scale``: ``normalised`` divides the saliency term of the objective by the best
+    ``k``-expert saliency sum, so all three terms lie in [0, 1] and ``lambda = 1`` weighs coverage like saliency;
+    ``raw`` sums min-max saliencies (up to ``k``). ``relabelings``: random renumberings in the spread diagnostic. ``hc-smoe`` always binds each group
+    member's router slot to the merged expert, as its authors do.
     """
 
     triangle_cap: int = 500
+    triangle_sampling: str = "stratified"
     triangle_quantile: float = 0.5
     triplet_value: str = "raw"
     filtration: str = "joint"
     num_thresholds: int = 80
+    filtration_backend: str = "auto"
     edge_fraction: float = 0.1  # p [assumed]
     triangle_fraction: float = 0.1  # q_T [assumed]
     lambda_edge: float = 1.0  # [assumed]
     lambda_triangle: float = 1.0  # [assumed]
     saliency: str = "reap"  # [assumed]
+    saliency_scale: str = "normalised"
+    orientation: str = "frequency"
+    relabelings: int = 10
     dropped: str = "prune"
     alpha: float = 1.0  # [assumed]
     solver: str = "auto"
@@ -77,6 +95,10 @@ class HodgeCoverConfig:
             "saliency": (self.saliency, SALIENCIES),
             "dropped": (self.dropped, DROPPED),
             "solver": (self.solver, SOLVERS),
+            "triangle_sampling": (self.triangle_sampling, TRIANGLE_SAMPLINGS),
+            "saliency_scale": (self.saliency_scale, SALIENCY_SCALES),
+            "orientation": (self.orientation, ORIENTATIONS),
+            "filtration_backend": (self.filtration_backend, BACKENDS),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -84,6 +106,8 @@ class HodgeCoverConfig:
         for name in ("edge_fraction", "triangle_fraction", "triangle_quantile"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
+        if self.relabelings < 0:
+            raise ConfigError(f"relabelings must be >= 0 (0 turns the relabeling diagnostic off), got {self.relabelings}")
         if self.triangle_cap < 0 or self.num_thresholds < 2 or min(self.lambda_edge, self.lambda_triangle, self.alpha) < 0:
             raise ConfigError("need triangle_cap >= 0, num_thresholds >= 2 and lambda_edge, lambda_triangle, alpha >= 0")
         if isinstance(self.barrier, dict):
@@ -106,6 +130,7 @@ class LayerAnalysis:
     complex: SimplicialComplex
     parts: HodgeDecomposition
     stats: LayerStats
+    signs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [|E| of complex] orientation of each edge
 
     def edge_components(self) -> dict[str, np.ndarray]:
         return {"gradient": self.parts.gradient, "curl": self.parts.curl, "harmonic": self.parts.harmonic}
@@ -123,27 +148,46 @@ def analyze_layer(engine: BarrierEngine, layer: int, config: HodgeCoverConfig) -
     """Pair barriers, candidate triangles and their barriers, the filtration, ``K_tau*`` and its Hodge parts."""
     moe = engine.by_index[layer]
     pairs, pb = engine.pair_barriers(layer)
+    levels = config.num_thresholds if config.triangle_sampling == "stratified" else None
     tris = candidate_triangles(pairs, pb, cap=config.triangle_cap, seed=config.seed,
-                               quantile=config.triangle_quantile)
+                               quantile=config.triangle_quantile, levels=levels)
     tb = engine.triplet_barriers(layer, tris) if tris else np.zeros(0)
+    return build_analysis(layer, moe.num_experts, moe.top_k, pairs, pb, tris, tb, engine.stats[layer], config)
+
+
+def build_analysis(
+    layer: int, num_experts: int, top_k: int, pairs: list[tuple[int, int]], pair_barriers: np.ndarray,
+    triangles: list[tuple[int, int, int]], triangle_barriers: np.ndarray, stats: LayerStats,
+    config: HodgeCoverConfig, *, warn: bool = True,
+) -> LayerAnalysis:
+    """The filtration, ``K_tau*`` and the Hodge parts of the oriented barrier from barriers already computed."""
+    pb, tris, tb = np.asarray(pair_barriers, dtype=np.float64), list(triangles), np.asarray(triangle_barriers)
     lookup = dict(zip(pairs, pb))
     if config.triplet_value == "excess":
         tv = np.array([b - max(lookup[(i, j)], lookup[(i, k)], lookup[(j, k)]) for (i, j, k), b in zip(tris, tb)])
     else:
-        tv = tb.copy()
+        tv = tb.astype(np.float64).copy()
     curve = None
     if config.filtration == "none" or (config.filtration == "triangles" and not tris):
         # without candidate triangles every threshold of the triangle filtration gives the complete graph
-        cx = SimplicialComplex(moe.num_experts, pairs, tris)
+        cx = SimplicialComplex(num_experts, pairs, tris)
     else:
-        curve = beta_curve(moe.num_experts, pairs, pb, tris, tv, num_thresholds=config.num_thresholds,
-                           mode=config.filtration)  # type: ignore[arg-type]
-        cx = filtration_complex(moe.num_experts, pairs, pb, tris, tv, curve.best_threshold,
+        curve = beta_curve(num_experts, pairs, pb, tris, tv, num_thresholds=config.num_thresholds,
+                           mode=config.filtration, backend=config.filtration_backend)  # type: ignore[arg-type]
+        if warn and config.filtration == "joint" and curve.best_index == len(curve.thresholds) - 1:
+            warnings.warn(
+                f"layer {layer}: tau* is the last threshold (beta_1 still rising, {len(tris)} candidate triangles "
+                f"for {len(pairs)} edges), so the filtration selects the complete complex, as filtration='none' "
+                "would; raise triangle_cap or read the Hodge parts as those of the full complex", UserWarning,
+                stacklevel=3,
+            )
+        cx = filtration_complex(num_experts, pairs, pb, tris, tv, curve.best_threshold,
                                 mode=config.filtration)  # type: ignore[arg-type]
-    signal = np.array([lookup[e] for e in cx.edges])
+    signs = edge_orientation(cx.edges, config.orientation, stats.frequencies.double().numpy(),
+                             stats.reap.double().numpy())
+    signal = {e: lookup[e] * s for e, s in zip(cx.edges, signs)}
     parts = decompose(cx, signal, solver=config.solver)  # type: ignore[arg-type]
-    return LayerAnalysis(layer, moe.num_experts, moe.top_k, pairs, pb, tris, tb, tv, curve, cx, parts,
-                         engine.stats[layer])
+    return LayerAnalysis(layer, num_experts, top_k, pairs, pb, tris, tb, tv, curve, cx, parts, stats, signs)
 
 
 def _hc_smoe_groups(stats: LayerStats, keep: int) -> list[list[int]]:
@@ -187,6 +231,9 @@ def select_layer(
         score = analysis.saliency(method)
         return sorted(int(i) for i in np.argsort(-score, kind="stable")[:keep])
     sal = analysis.saliency(config.saliency)
+    best = float(np.sort(sal)[::-1][:keep].sum())
+    if config.saliency_scale == "normalised" and best > 0:
+        sal = sal / best  # the saliency term of Phi now lies in [0, 1], like the coverage fractions
     if method == "greedy-barrier":  # no topology: critical edges by raw barrier on all pairs, no triangles
         e_star = critical_edges(analysis.pairs, analysis.pair_barriers, config.edge_fraction)
         return greedy_cover(n, keep, sal, e_star, (), lambda_edge=config.lambda_edge, lambda_triangle=0.0)
@@ -218,7 +265,10 @@ def plan(
             out.groups = out.groups or {}
             out.groups[layer] = groups
             freq = a.stats.frequencies
-            out.keep[layer] = sorted(max(g, key=lambda i: (float(freq[i]), -i)) for g in groups)
+            reps = [max(g, key=lambda i: (float(freq[i]), -i)) for g in groups]
+            out.keep[layer] = sorted(reps)
+            out.redirect = out.redirect or {}
+            out.redirect[layer] = redirect_of_groups(a.num_experts, groups, reps)  # HC-SMoE binds member slots
         else:
             out.keep[layer] = select_layer(a, method, k, config, generator=rng)
         out.retained[layer] = retained_mass(out.keep[layer], a.complex.edges, a.edge_components(), a.triangles,
@@ -232,7 +282,8 @@ def plan(
 
 
 def apply_plan(model: nn.Module, chosen: Plan, analyses: dict[int, LayerAnalysis]) -> nn.Module:
-    """Edit ``model`` in place: merge groups (``hc-smoe``), redirect, or prune."""
+    """Edit ``model`` in place: merge groups (``hc-smoe``, every member's router slot bound to its merged expert),
+    redirect, or prune."""
     if chosen.groups is not None:
         return merge_groups(model, chosen.groups, {k: a.stats.frequencies for k, a in analyses.items()})
     if chosen.redirect is not None:
@@ -251,12 +302,15 @@ __all__ = [
     "DROPPED",
     "METHODS",
     "SALIENCIES",
+    "SALIENCY_SCALES",
+    "TRIANGLE_SAMPLINGS",
     "TRIPLET_VALUES",
     "HodgeCoverConfig",
     "LayerAnalysis",
     "Plan",
     "analyze",
     "analyze_layer",
+    "build_analysis",
     "apply_plan",
     "plan",
     "select_layer",

@@ -13,7 +13,7 @@ def klcore_register_recipes() -> list[Component]:
     recipes = [
         Recipe(
             name="hodge-toy",
-            help="train a tiny 16-expert MoE on toy text, compress at 33%/66% by every method; 2 CPU cores, < 10 min",
+            help="experiment: 3 seeds of a tiny 16-expert MoE (load balancing), every method at 33%/66%, diagnostics first",
             config_class=toy_recipe.HodgeToyConfig,
             run=toy_recipe.run,
         ),

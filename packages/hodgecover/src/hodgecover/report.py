@@ -27,6 +27,7 @@ def layer_table(analyses: dict[int, LayerAnalysis]) -> list[dict[str, Any]]:
             "triangles": a.complex.num_triangles,
             "candidate_triangles": len(a.triangles),
             "tau_star": a.curve.best_threshold if a.curve is not None else None,
+            "tau_star_is_last": a.curve is not None and a.curve.best_index == len(a.curve.thresholds) - 1,
             "betti": list(a.complex.betti_numbers()),
             **{f"energy/{c}": a.parts.energies[c] / total for c in COMPONENTS},
             "residual": a.parts.residual,
