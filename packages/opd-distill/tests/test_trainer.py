@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -118,8 +119,13 @@ def test_vocab_mismatch_and_bad_config_raise(tmp_path):
     big = tiny_config("tiny")
     big.vocab_size = 64
     teacher = tiny_causal_lm(big, seed=1)
-    with pytest.raises(VocabMismatchError, match="vocabulary"):
+    with pytest.raises(VocabMismatchError, match="output head has 49 rows and the teacher's 64"):
         DistillTrainer(student, teacher, char_tokenizer(), get_task("addition"), _config(), run_dir=tmp_path)
+    small = tiny_config("tiny")
+    small.vocab_size = 40  # fewer rows than the tokenizer has tokens: not padding, another vocabulary
+    with pytest.raises(VocabMismatchError, match="same tokenizer"):
+        DistillTrainer(student, tiny_causal_lm(small, seed=1), char_tokenizer(), get_task("addition"), _config(),
+                       run_dir=tmp_path)
     with pytest.raises(ConfigError):
         _config(loss="vanilla")
     with pytest.raises(ConfigError):
@@ -219,3 +225,58 @@ def test_reinforce_refuses_stale_updates_and_ppo_takes_them():
         with pytest.raises(ConfigError, match="importance weights"):
             EnvDistillConfig(loss="opd_reinforce", **kw)
         _config(loss="opd_ppo", **kw)
+
+
+def _padded(vocab: int, seed: int):
+    cfg = tiny_config("tiny")
+    cfg.vocab_size = vocab
+    return tiny_causal_lm(cfg, seed=seed)
+
+
+def _pad_logits(model, n: int, value: float):
+    """Give the head rows beyond the tokenizer's ``n`` tokens the logit ``value`` (a trained padded head
+    gives them about -inf)."""
+    def hook(module, inputs, out):
+        return out.index_fill(-1, torch.arange(n, out.shape[-1], device=out.device), value)
+
+    model.get_output_embeddings().register_forward_hook(hook)
+    return model
+
+
+def test_heads_padded_to_different_sizes_need_slice_vocab_and_then_compare_the_tokenizers_tokens(tmp_path):
+    """Qwen2.5-7B vs 0.5B: heads of 152064 and 151936 rows over one tokenizer. Here: the tokenizer's
+    tokens plus 16 and 8 padding rows."""
+    from opd_distill import divergence_loss, response_logits
+
+    from klcore.errors import DataError
+
+    tok = char_tokenizer()
+    n = len(tok)
+    student, teacher = _pad_logits(_padded(n + 16, 0), n, -1e9), _pad_logits(_padded(n + 8, 1), n, -1e9)
+    task = get_task("addition", digits=1)
+    with pytest.raises(VocabMismatchError, match="slice_vocab=True"):
+        DistillTrainer(student, teacher, tok, task, _config(), run_dir=tmp_path / "a")
+    cfg = _config(steps=1, loss="full_reverse_kl", slice_vocab=True)
+    trainer = DistillTrainer(student, teacher, tok, task, cfg, run_dir=tmp_path / "b")
+    batch, metrics = trainer.collect(0)
+    assert batch["teacher_logits"].shape[-1] == n
+    torch.testing.assert_close(batch["teacher_logits"], response_logits(teacher, batch)[..., :n])
+    loss, _ = divergence_loss(trainer.student_logits(batch), batch["teacher_logits"], batch["response_mask"],
+                              kind="reverse_kl")
+    assert torch.isfinite(loss) and math.isfinite(metrics["kl/reverse"])
+    # a student that samples padding rows is refused rather than scored against a sliced teacher
+    greedy_pad = _pad_logits(_padded(n + 16, 0), n, 1e9)
+    bad = DistillTrainer(greedy_pad, teacher, tok, task, cfg, run_dir=tmp_path / "c")
+    with pytest.raises(DataError, match="padding row"):
+        bad.collect(0)
+
+
+def test_a_teacher_tokenizer_with_other_ids_is_refused(tmp_path):
+    from klcore.toy.tokenizer import chat_tokenizer
+
+    student, teacher = _models()
+    with pytest.raises(VocabMismatchError, match="tokenizers differ"):
+        DistillTrainer(student, teacher, char_tokenizer(), get_task("addition", digits=1), _config(),
+                       run_dir=tmp_path, teacher_tokenizer=chat_tokenizer())
+    DistillTrainer(student, teacher, char_tokenizer(), get_task("addition", digits=1), _config(),
+                   run_dir=tmp_path / "same", teacher_tokenizer=char_tokenizer())

@@ -75,7 +75,9 @@ class DistillConfig(TrainerConfig):
     (sequence-level KD on teacher reference responses, PACED v1's forward-KL stage); 0 keeps every step
     on the student's samples. Pass rates always come from student rollouts.
     ``max_new_tokens = 0`` uses the task's longest answer plus two; ``chunk_size = 0`` lets klcore pick
-    the vocabulary chunking; ``recompute`` recomputes each chunk in backward (less memory). Held-out greedy pass@1 runs at step 0, every ``eval_every`` steps and
+    the vocabulary chunking; ``recompute`` recomputes each chunk in backward (less memory).
+    ``slice_vocab`` compares student and teacher on the tokenizer's ``len(tokenizer)`` tokens only, for
+    output heads padded to different sizes. Held-out greedy pass@1 runs at step 0, every ``eval_every`` steps and
     after the last update.
     """
 
@@ -93,6 +95,7 @@ class DistillConfig(TrainerConfig):
     recompute: bool = False
     eval_problems: int = 128
     disable_dropout: bool = True
+    slice_vocab: bool = False
     paced: PacedConfig = field(default_factory=PacedConfig)
 
     def __post_init__(self) -> None:

@@ -34,14 +34,26 @@ DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 OPTIONS = ("beta", "clip_low", "clip_high")
 
 
-def check_vocab(student_vocab: int, teacher_vocab: int) -> None:
-    """Raise ``VocabMismatchError`` unless student and teacher score the same vocabulary."""
-    if int(student_vocab) != int(teacher_vocab):
+def check_vocab(student_vocab: int, teacher_vocab: int, *, tokenizer_vocab: int = 0) -> None:
+    """Raise ``VocabMismatchError`` unless student and teacher score the same vocabulary.
+
+    ``tokenizer_vocab`` > 0: heads that differ only by padding rows beyond the tokenizer's vocabulary
+    (Qwen2.5-7B's 152064 against 0.5B's 151936 rows for 151665 tokens) are compared up to it when the
+    caller slices them (``DistillConfig.slice_vocab``); otherwise the message says so.
+    """
+    s, t, k = int(student_vocab), int(teacher_vocab), int(tokenizer_vocab)
+    if s == t:
+        return
+    if k and min(s, t) >= k:
         raise VocabMismatchError(
-            f"the student's vocabulary has {student_vocab} tokens but the teacher's has {teacher_vocab}; "
-            "on-policy distillation compares both distributions token by token, so use a teacher and student "
-            "with the same tokenizer / action vocabulary (same output head size)"
+            f"the student's output head has {s} rows and the teacher's {t}, both covering the tokenizer's {k} "
+            "tokens (the rest is padding): set slice_vocab=True to compare the logits of those tokens only"
         )
+    raise VocabMismatchError(
+        f"the student's vocabulary has {s} tokens but the teacher's has {t}; on-policy distillation compares "
+        "both distributions token by token, so use a teacher and student with the same tokenizer / action "
+        "vocabulary (same output head size)"
+    )
 
 
 def _row_weights(weights: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor | None:

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from klcore.data import padding_id
-from klcore.errors import CheckpointError, UnsupportedModelError
+from klcore.errors import CheckpointError, DataError, UnsupportedModelError, VocabMismatchError
 from klcore.logprobs import token_logprobs
 from klcore.plugins import Plugins
 from klcore.rollout import forward_accepts, sample
@@ -42,8 +42,9 @@ def output_vocab(model: nn.Module) -> int:
     return int(head.weight.shape[0])
 
 
-def response_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``[rows, R, V]`` logits predicting the batch's ``tokens`` (the last R + 1 positions only)."""
+def response_logits(model: nn.Module, batch: Mapping[str, torch.Tensor], vocab: int = 0) -> torch.Tensor:
+    """``[rows, R, V]`` logits predicting the batch's ``tokens`` (the last R + 1 positions only); with
+    ``vocab`` > 0 only the first ``vocab`` head rows (a padded head sliced to the tokenizer)."""
     r = batch["tokens"].shape[1]
     kwargs: dict[str, Any] = {"logits_to_keep": r + 1} if forward_accepts(model, "logits_to_keep") else {}
     out = model(
@@ -53,7 +54,22 @@ def response_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torc
         use_cache=False,
         **kwargs,
     )
-    return out.logits[:, -(r + 1) : -1]
+    logits = out.logits[:, -(r + 1) : -1]
+    return logits[..., :vocab] if vocab else logits
+
+
+def check_tokenizers(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
+    """Raise ``VocabMismatchError`` unless both tokenizers map the same strings to the same ids."""
+    mine, theirs = student.get_vocab(), teacher.get_vocab()
+    if mine == theirs:
+        return
+    differ = sorted(t for t in set(mine) | set(theirs) if mine.get(t) != theirs.get(t))
+    examples = ", ".join(f"{t!r}: {mine.get(t)} vs {theirs.get(t)}" for t in differ[:3])
+    raise VocabMismatchError(
+        f"the student's and the teacher's tokenizers differ on {len(differ)} tokens (student vs teacher id: "
+        f"{examples}); token-level distillation compares both distributions id by id, so use a teacher with "
+        "the student's tokenizer"
+    )
 
 
 class DistillTrainer(DistillLoop):
@@ -61,7 +77,9 @@ class DistillTrainer(DistillLoop):
 
     ``task`` provides ``problems(n, generator=, split=)``, ``verify(problem, completion)`` and
     ``max_answer_chars`` (see ``klcore.toy.Task``). ``eval_tasks`` are evaluated greedily on their
-    ``test`` split (``eval/<name>_pass@1``). Student and teacher must share the vocabulary.
+    ``test`` split (``eval/<name>_pass@1``). Student and teacher must share the vocabulary: with
+    ``teacher_tokenizer`` the two tokenizers are compared id by id (``check_tokenizers``); heads padded to
+    different sizes need ``config.slice_vocab``.
     """
 
     def __init__(
@@ -74,11 +92,23 @@ class DistillTrainer(DistillLoop):
         *,
         run_dir: str | Path,
         eval_tasks: Mapping[str, Task] | None = None,
+        teacher_tokenizer: PreTrainedTokenizerBase | None = None,
         plugins: Plugins | None = None,
         accelerator: Accelerator | None = None,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
-        check_vocab(output_vocab(model), output_vocab(teacher))
+        if teacher_tokenizer is not None:
+            check_tokenizers(tokenizer, teacher_tokenizer)
+        #: logits sliced to the tokenizer's vocabulary (padded heads), or 0: the heads as they are
+        self.vocab = len(tokenizer) if config.slice_vocab else 0
+        heads = output_vocab(model), output_vocab(teacher)
+        if self.vocab and min(heads) < self.vocab:
+            raise VocabMismatchError(
+                f"slice_vocab=True keeps the tokenizer's {self.vocab} tokens, but the output heads have {heads[0]} "
+                f"(student) and {heads[1]} (teacher) rows; both must cover the tokenizer"
+            )
+        if not self.vocab:
+            check_vocab(*heads, tokenizer_vocab=len(tokenizer))
         if config.disable_dropout:
             for module in model.modules():
                 if isinstance(module, nn.Dropout):
@@ -151,6 +181,11 @@ class DistillTrainer(DistillLoop):
         g = cfg.group_size
         teacher_writes = step < cfg.teacher_rollout_steps
         roll = self._sample(problems, g, gen, self.teacher if teacher_writes else None)
+        if self.vocab and bool((roll.responses[roll.response_mask] >= self.vocab).any()):
+            raise DataError(
+                f"a sampled token id is >= {self.vocab}, a padding row of the output head that slice_vocab=True "
+                "drops; the sampling model puts mass on padding rows, so distil with heads of equal size instead"
+            )
         success = self._verify(problems, roll.responses, g)
         weights = cfg.paced.weights(self.pass_rates[idx]).repeat_interleave(g)
         all_zero = cfg.paced.weighting != "none" and not bool((weights > 0).any())
@@ -171,8 +206,8 @@ class DistillTrainer(DistillLoop):
             "weights": weights.to(roll.input_ids.device),
         }
         with torch.no_grad():
-            batch["teacher_logits"] = response_logits(self.teacher, batch)
-            student = response_logits(self.model, batch)
+            batch["teacher_logits"] = response_logits(self.teacher, batch, self.vocab)
+            student = response_logits(self.model, batch, self.vocab)
             safe = torch.where(roll.response_mask, roll.responses, torch.zeros_like(roll.responses))
             batch["old_log_prob"] = token_logprobs(student, safe, chunk_size=cfg.chunk_size or None)
             metrics.update(self.state_metrics(student, batch["teacher_logits"], roll.response_mask))
@@ -192,7 +227,7 @@ class DistillTrainer(DistillLoop):
         return batch, metrics
 
     def student_logits(self, batch: Batch) -> torch.Tensor:
-        return response_logits(self.model, batch)
+        return response_logits(self.model, batch, self.vocab)
 
     def evaluate(self) -> Metrics:
         """Greedy pass@1 on each eval task's held-out ``test`` split."""
@@ -203,4 +238,4 @@ class DistillTrainer(DistillLoop):
         }
 
 
-__all__ = ["DistillTrainer", "output_vocab", "response_logits"]
+__all__ = ["DistillTrainer", "check_tokenizers", "output_vocab", "response_logits"]
