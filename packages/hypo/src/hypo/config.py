@@ -27,7 +27,8 @@ class HyPOConfig(TrainerConfig):
     completions sampled from the current policy (temperature 1) for each of the step's prompts.
 
     ``kl_coef = 0`` is DPO: nothing is sampled and no reference model is kept unless validation
-    prompts are given. ``max_new_tokens = 0`` samples up to the data's completion width.
+    prompts are given. ``max_new_tokens = 0`` samples up to 4x the data's completion width (``online_width``; a warning
+    says when most online samples still end without EOS).
     ``ref_cache`` (default ``RUN/ref_logps.safetensors``) holds the offline pairs' reference log-probs.
     Validation (``eval/*``) runs before step 0, every ``eval_every`` steps and after the last update,
     with ``eval_samples`` completions per validation prompt. One optimiser pass per step

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -57,6 +58,21 @@ def _rollout_fields(roll: Rollout) -> dict[str, torch.Tensor]:
     }
 
 
+#: default online sample length: this many times the offline data's completion width
+ONLINE_WIDTH_FACTOR = 4
+
+
+def online_width(pairs: TokenizedPairs, model: nn.Module) -> int:
+    """Default ``max_new_tokens`` of the online samples: ``ONLINE_WIDTH_FACTOR`` x the offline completion
+    width (a policy's answers run longer than the data's shortest-fitting width), within the model's
+    position limit when its config states one."""
+    width = ONLINE_WIDTH_FACTOR * int(pairs.chosen_ids.shape[1])
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > pairs.prompt_ids.shape[1]:
+        width = min(width, limit - int(pairs.prompt_ids.shape[1]))
+    return max(1, width)
+
+
 class HyPOTrainer(Trainer):
     """HyPO (Song et al. 2024) on klcore's accelerate loop; ``config.kl_coef = 0`` is DPO.
 
@@ -106,7 +122,8 @@ class HyPOTrainer(Trainer):
         self.pairs = pairs
         self.eval_prompts = [list(p) for p in eval_prompts or []]
         self.reward_fn = reward_fn
-        self.max_new_tokens = config.max_new_tokens or int(pairs.chosen_ids.shape[1])
+        self.max_new_tokens = config.max_new_tokens or online_width(pairs, model)
+        self._warned_truncation = False
         acc = self.accelerator
         needs_ref = config.kl_coef > 0 or bool(self.eval_prompts)
         self.ref_model: nn.Module | None = ref.to(acc.device) if ref is not None else None
@@ -167,10 +184,18 @@ class HyPOTrainer(Trainer):
         for key, value in (*fields.items(), ("ref_log_prob", ref_lp)):
             batch[f"online_{key}"] = value.reshape(n, k, *value.shape[1:])
         mask = roll.response_mask
+        truncated = float((~(roll.responses == tok.eos_token_id).any(1)).float().mean())
+        if truncated > 0.5 and not self._warned_truncation:
+            self._warned_truncation = True
+            warnings.warn(
+                f"{truncated:.0%} of the online samples reached max_new_tokens = {self.max_new_tokens} without EOS; "
+                "the online KL of their untruncated answers is underestimated: raise max_new_tokens",
+                stacklevel=2,
+            )
         return {
             "kl/online_sampled": float(sequence_log_ratio(roll.logprobs, ref_lp, mask).mean()),
             "response/length_mean": float(mask.sum(1).float().mean()),
-            "response/truncated": float((~(roll.responses == tok.eos_token_id).any(1)).float().mean()),
+            "response/truncated": truncated,
         }
 
     def _ref_logprobs(self, fields: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -236,4 +261,4 @@ class HyPOTrainer(Trainer):
         return metrics
 
 
-__all__ = ["HyPOTrainer"]
+__all__ = ["ONLINE_WIDTH_FACTOR", "HyPOTrainer", "online_width"]
