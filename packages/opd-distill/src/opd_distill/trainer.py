@@ -220,6 +220,7 @@ class DistillTrainer(DistillLoop):
                 "paced/weight_max": float(weights.max()),
                 "paced/all_weights_zero": float(all_zero),
                 "response/length_mean": float(roll.response_mask.sum(1).float().mean()),
+                **getattr(self.task, "metrics", {}),  # a prompt dataset's dropped-row counts (data/*)
             }
         )
         if cfg.paced.weighting != "none":
