@@ -11,7 +11,7 @@ import pytest
 import torch
 from divergence_rl import ExplorationTask, PresampleConfig, f_values, hybrid_loss, plugin, presample, rehearsal_loss
 
-from klcore.errors import ConfigError, MaskError, ShapeError, VocabMismatchError
+from klcore.errors import ConfigError, DataError, MaskError, ShapeError, VocabMismatchError
 from klcore.losses import ppo_clip_loss
 from klcore.plugins import build_plugin_manager
 from klcore.reduce import global_counts
@@ -229,3 +229,47 @@ def test_missing_store_and_empty_exploration(plugins, tmp_path) -> None:
         _trainer(tmp_path, plugins, tmp_path / "no-store")
     with pytest.raises(ConfigError, match="exploration"):
         ExplorationTask(TASK, ())
+
+
+# --- the store's initial policy ------------------------------------------------------------------
+
+
+def test_store_from_another_initial_policy_is_refused_at_step_0(store, tmp_path) -> None:
+    other = tiny_causal_lm(tiny_config("tiny"), seed=1)  # same architecture and vocabulary, other weights
+    with pytest.raises(DataError, match=r"another initial policy.*check_model = false"):
+        _trainer(tmp_path / "reg", _fresh_plugins(), store, model=other).train()
+    metric_only = {"regularisers": {}, "metrics": {"rehearsal_divergence": {"path": str(store)}}}
+    with pytest.raises(DataError, match="another initial policy"):
+        _trainer(tmp_path / "metric", _fresh_plugins(), store, model=copy.deepcopy(other), **metric_only).train()
+    rows = _trainer(tmp_path / "override", _fresh_plugins(), store, model=other, steps=1,
+                    dph={"check_model": False}).train()
+    assert rows[0]["dph/loss"] > 0  # the other model is far from the store's log-probs
+
+
+def test_a_resumed_run_is_not_checked_against_its_moved_weights(store, tmp_path) -> None:
+    from divergence_rl import load_rehearsal, model_fingerprint
+
+    _trainer(tmp_path, _fresh_plugins(), store, steps=2).train()
+    resumed = _trainer(tmp_path, _fresh_plugins(), store, steps=3, resume=True)
+    assert resumed.resume() and resumed.step == 2
+    assert model_fingerprint(resumed.unwrapped_model) != load_rehearsal(store).manifest["model_fingerprint"]
+    resumed = _trainer(tmp_path, _fresh_plugins(), store, steps=3, resume=True)
+    assert len(resumed.train()) == 3
+
+
+def test_a_lora_policy_over_the_stores_base_model_is_accepted(store, tmp_path) -> None:
+    from divergence_rl import model_fingerprint
+
+    from klcore.models import LoraConfig, add_lora
+
+    base = tiny_causal_lm(tiny_config("tiny"), seed=0)
+    plain = model_fingerprint(base)
+    lora = add_lora(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert model_fingerprint(lora) == plain
+    rows = _trainer(tmp_path, _fresh_plugins(), store, model=lora, steps=1).train()
+    assert rows[0]["dph/loss"] == pytest.approx(0.0, abs=1e-6)  # LoRA's B = 0: the policy starts at the base
+
+
+def test_check_model_must_be_a_flag(store, plugins, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="check_model"):
+        _trainer(tmp_path, plugins, store, dph={"check_model": "no"})

@@ -7,7 +7,13 @@ pre-sampled from the initial policy, so no reference model is loaded during RL.
 from divergence_rl.evaluation import PassAtKMetric, check_ks, correct_counts, mean_pass_at_k, pass_at_ks
 from divergence_rl.generators import KINDS, LOG_RATIO_BOUND, check_alpha, check_kind, f_values
 from divergence_rl.losses import hybrid_loss, rehearsal_loss
-from divergence_rl.presampling import PresampleConfig, model_fingerprint, presample, training_prompts
+from divergence_rl.presampling import (
+    PresampleConfig,
+    model_fingerprint,
+    presample,
+    reference_parameters,
+    training_prompts,
+)
 from divergence_rl.regulariser import DPHRegulariser, ExplorationTask, RehearsalDivergenceMetric, check_compatible
 from divergence_rl.store import (
     FORMAT,
@@ -47,6 +53,7 @@ __all__ = [
     "presample",
     "read_manifest",
     "read_shard",
+    "reference_parameters",
     "rehearsal_loss",
     "training_prompts",
 ]

@@ -11,12 +11,14 @@ folder skips the finished shards and produces exactly the store an uninterrupted
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedTokenizerBase
 
 from divergence_rl.store import (
@@ -32,6 +34,7 @@ from divergence_rl.store import (
 )
 from klcore.data import padding_id
 from klcore.errors import CheckpointError, ConfigError, DataError
+from klcore.models import is_peft_model
 from klcore.rollout import sample
 from klcore.toy import encode_prompts
 from klcore.toy.tasks import Problem, Task
@@ -93,14 +96,38 @@ def training_prompts(task: Task, n: int, seed: int) -> list[Problem]:
     return list(seen.values())
 
 
+#: name parts of peft's adapter weights (skipped) and of its wrappers around a base weight (dropped from the name)
+_ADAPTER_PARTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                            "modules_to_save"})
+_WRAPPER_PARTS = frozenset({"base_layer", "original_module"})
+
+
+def reference_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, weight)`` of the reference policy ``model`` stands for: its own parameters, or for a peft
+    LoRA model its base model's weights under the base model's names (adapters excluded), since with LoRA
+    the reference is the adapter-disabled base."""
+    if not is_peft_model(model):
+        yield from model.named_parameters()
+        return
+    for name, param in model.get_base_model().named_parameters():  # type: ignore[operator]
+        parts = name.split(".")
+        if not _ADAPTER_PARTS.intersection(parts):
+            yield ".".join(q for q in parts if q not in _WRAPPER_PARTS), param
+
+
 @torch.no_grad()
 def model_fingerprint(model: nn.Module) -> str:
-    """A cheap hash of ``model``'s weights (16 hex digits): per parameter its name, shape, dtype, sum of |w| and
-    of w^2 (6 significant digits) and sum(w) / sum(|w|) (6 decimals), so that the last-bit differences of a
-    float64 reduction on another device do not change it while any real change of the weights does."""
+    """A cheap hash of the reference policy's weights (16 hex digits; see :func:`reference_parameters`: a LoRA
+    model gives its base model's fingerprint): per parameter its name, shape, dtype, sum of |w| and of w^2
+    (6 significant digits) and sum(w) / sum(|w|) (6 decimals), so that the last-bit differences of a float64
+    reduction on another device do not change it while any real change of the weights does. Sharded (FSDP2)
+    weights are gathered first: call it on every process."""
     digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        w = param.detach().double()
+    for name, param in reference_parameters(model):
+        w = param.detach()
+        if isinstance(w, DTensor):
+            w = w.full_tensor()
+        w = w.double()
         l1, l2, signed = (float(v) for v in torch.stack([w.abs().sum(), w.square().sum(), w.sum()]).cpu())
         balance = signed / l1 if l1 > 0 else 0.0
         digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|{l1:.6e}|{l2:.6e}|{balance:.6f};".encode())
@@ -236,4 +263,4 @@ def presample(
     }
 
 
-__all__ = ["PresampleConfig", "model_fingerprint", "presample", "training_prompts"]
+__all__ = ["PresampleConfig", "model_fingerprint", "presample", "reference_parameters", "training_prompts"]

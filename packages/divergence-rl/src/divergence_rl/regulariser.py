@@ -20,9 +20,10 @@ import torch
 
 from divergence_rl.generators import check_alpha, check_kind, f_values
 from divergence_rl.losses import rehearsal_loss
+from divergence_rl.presampling import model_fingerprint
 from divergence_rl.store import RehearsalSet, SelectionRule, load_rehearsal
 from klcore import hookimpl
-from klcore.errors import ConfigError, VocabMismatchError
+from klcore.errors import ConfigError, DataError, VocabMismatchError
 from klcore.reduce import GlobalCounts, global_counts
 from klcore.toy.tasks import Problem, Task
 from klcore.trainer.base import step_seed
@@ -33,8 +34,14 @@ def _rule(options: Mapping[str, Any] | None) -> SelectionRule | None:
     return SelectionRule(**options) if options else None
 
 
-def check_compatible(rehearsal: RehearsalSet, trainer: Any) -> None:
-    """Raise unless the trainer's model and temperature match those the store was sampled with."""
+def check_compatible(rehearsal: RehearsalSet, trainer: Any, *, check_model: bool = True) -> None:
+    """Raise unless the trainer's model and temperature match those the store was sampled with.
+
+    ``VocabMismatchError`` for another vocabulary size, ``ConfigError`` for another temperature, and, when
+    ``check_model`` and the run starts at step 0 (a resumed run's weights have moved on), ``DataError`` when
+    the model's :func:`~divergence_rl.model_fingerprint` differs from the store's: the store's log-probs then
+    belong to another initial policy.
+    """
     vocab = getattr(getattr(trainer.unwrapped_model, "config", None), "vocab_size", None)
     if vocab != rehearsal.manifest["vocab_size"]:
         raise VocabMismatchError(f"the rehearsal store was sampled from a model with vocabulary size "
@@ -44,6 +51,20 @@ def check_compatible(rehearsal: RehearsalSet, trainer: Any) -> None:
     if float(temperature) != float(rehearsal.manifest["temperature"]):
         raise ConfigError(f"the stored log-probs are at temperature {rehearsal.manifest['temperature']} but the trainer "
                           f"computes log-probs at {temperature}; use the same temperature for both")
+    if not check_model or getattr(trainer, "step", 0) != 0:
+        return
+    stored, this = rehearsal.manifest["model_fingerprint"], model_fingerprint(trainer.unwrapped_model)
+    if stored != this:
+        raise DataError(f"the rehearsal store was pre-sampled from another initial policy (weights fingerprint "
+                        f"{stored}; this run starts from {this}): its log-probs are not this policy's, so the "
+                        "divergence would pull towards another model. Pre-sample again from this run's initial "
+                        "policy, or set check_model = false to use the store anyway")
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def _rows(batch: Mapping[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
@@ -56,7 +77,9 @@ class DPHRegulariser:
     Options: ``path`` (the pre-sampled store), ``kind`` (a generator of ``KINDS``; the paper's
     DPH-JS is ``js`` with ``eta = 0.2``, DPH-F ``forward_kl``), ``eta``, ``alpha``, ``batch_size``
     (rehearsal rows per optimiser step; 0: all), ``seed``, and ``rule`` (a table of
-    ``SelectionRule`` fields; default: the store's). Logs ``dph/loss`` (eta times the divergence).
+    ``SelectionRule`` fields; default: the store's), ``check_model`` (default true: refuse, at step 0, a
+    store pre-sampled from another initial policy; see :func:`check_compatible`). Logs ``dph/loss`` (eta
+    times the divergence).
     """
 
     def __init__(
@@ -69,6 +92,7 @@ class DPHRegulariser:
         batch_size: int = 64,
         seed: int = 0,
         rule: Mapping[str, Any] | None = None,
+        check_model: bool = True,
     ) -> None:
         check_kind(kind)
         if kind == "alpha":
@@ -78,6 +102,7 @@ class DPHRegulariser:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
             raise ConfigError(f"batch_size must be an int >= 0 (0: every rehearsal row), got {batch_size!r}")
         self.kind, self.eta, self.alpha, self.batch_size, self.seed = kind, float(eta), float(alpha), batch_size, seed
+        self.check_model = _flag("check_model", check_model)
         self.rehearsal = load_rehearsal(Path(path), _rule(rule))
         self._step_rows: torch.Tensor | None = None
         self._counts: GlobalCounts | None = None
@@ -85,7 +110,7 @@ class DPHRegulariser:
 
     @hookimpl
     def klcore_train_start(self, trainer: Any) -> None:
-        check_compatible(self.rehearsal, trainer)
+        check_compatible(self.rehearsal, trainer, check_model=self.check_model)
 
     def draw(self, trainer: Any) -> torch.Tensor:
         """Row indices of this optimiser step's rehearsal batch (reproducible from seed, step, update)."""
@@ -121,7 +146,8 @@ class DPHRegulariser:
 class RehearsalDivergenceMetric:
     """Metric ``rehearsal_divergence``: logs ``rehearsal/<kind>`` = token-mean f over the first
     ``rows`` rehearsal rows under the current policy (no gradient), for each of ``kinds``, after the
-    update of step 0, every ``every`` steps and after the last step; comparable across methods."""
+    update of step 0, every ``every`` steps and after the last step; comparable across methods.
+    ``check_model`` as for the ``dph`` regulariser."""
 
     def __init__(
         self,
@@ -132,6 +158,7 @@ class RehearsalDivergenceMetric:
         rows: int = 128,
         every: int = 10,
         rule: Mapping[str, Any] | None = None,
+        check_model: bool = True,
     ) -> None:
         self.kinds = tuple(check_kind(k) for k in kinds)
         if not self.kinds:
@@ -141,13 +168,14 @@ class RehearsalDivergenceMetric:
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1 or isinstance(every, bool) or every < 0:
             raise ConfigError(f"need rows >= 1 and every >= 0, got rows={rows!r}, every={every!r}")
         self.alpha, self.every = float(alpha), every
+        self.check_model = _flag("check_model", check_model)
         rehearsal = load_rehearsal(Path(path), _rule(rule))
         self.rehearsal = rehearsal
         self.index = torch.arange(min(rows, len(rehearsal)))
 
     @hookimpl
     def klcore_train_start(self, trainer: Any) -> None:
-        check_compatible(self.rehearsal, trainer)
+        check_compatible(self.rehearsal, trainer, check_model=self.check_model)
 
     @torch.no_grad()
     def measure(self, trainer: Any) -> dict[str, float]:
