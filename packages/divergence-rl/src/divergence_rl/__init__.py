@@ -6,7 +6,7 @@ pre-sampled from the initial policy, so no reference model is loaded during RL.
 
 from divergence_rl.evaluation import PassAtKMetric, check_ks, correct_counts, mean_pass_at_k, pass_at_ks
 from divergence_rl.generators import KINDS, LOG_RATIO_BOUND, check_alpha, check_kind, f_values
-from divergence_rl.losses import hybrid_loss, rehearsal_loss
+from divergence_rl.losses import check_eta, check_mask, hybrid_loss, rehearsal_loss, verl_rehearsal_flags
 from divergence_rl.presampling import (
     PresampleConfig,
     model_fingerprint,
@@ -41,8 +41,10 @@ __all__ = [
     "SelectionRule",
     "check_alpha",
     "check_compatible",
+    "check_eta",
     "check_kind",
     "check_ks",
+    "check_mask",
     "correct_counts",
     "f_values",
     "hybrid_loss",
@@ -56,4 +58,5 @@ __all__ = [
     "reference_parameters",
     "rehearsal_loss",
     "training_prompts",
+    "verl_rehearsal_flags",
 ]

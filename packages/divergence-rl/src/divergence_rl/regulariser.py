@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from divergence_rl.generators import check_alpha, check_kind, f_values
-from divergence_rl.losses import rehearsal_loss
+from divergence_rl.losses import check_eta, rehearsal_loss
 from divergence_rl.presampling import model_fingerprint
 from divergence_rl.store import RehearsalSet, SelectionRule, load_rehearsal
 from klcore import hookimpl
@@ -97,8 +97,7 @@ class DPHRegulariser:
         check_kind(kind)
         if kind == "alpha":
             check_alpha(alpha)
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-            raise ConfigError(f"eta must be a number >= 0, got {eta!r}")
+        eta = check_eta(eta)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
             raise ConfigError(f"batch_size must be an int >= 0 (0: every rehearsal row), got {batch_size!r}")
         self.kind, self.eta, self.alpha, self.batch_size, self.seed = kind, float(eta), float(alpha), batch_size, seed
