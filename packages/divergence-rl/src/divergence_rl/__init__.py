@@ -6,7 +6,16 @@ pre-sampled from the initial policy, so no reference model is loaded during RL.
 
 from divergence_rl.evaluation import PassAtKMetric, check_ks, correct_counts, mean_pass_at_k, pass_at_ks
 from divergence_rl.generators import KINDS, LOG_RATIO_BOUND, check_alpha, check_kind, f_values
-from divergence_rl.losses import check_eta, check_mask, hybrid_loss, rehearsal_loss, verl_rehearsal_flags
+from divergence_rl.losses import (
+    WEIGHTINGS,
+    check_eta,
+    check_mask,
+    check_weighting,
+    hybrid_loss,
+    rehearsal_loss,
+    rehearsal_share,
+    verl_rehearsal_flags,
+)
 from divergence_rl.presampling import (
     PresampleConfig,
     model_fingerprint,
@@ -32,6 +41,7 @@ __all__ = [
     "LOG_RATIO_BOUND",
     "MANIFEST",
     "VERSION",
+    "WEIGHTINGS",
     "DPHRegulariser",
     "ExplorationTask",
     "PassAtKMetric",
@@ -45,6 +55,7 @@ __all__ = [
     "check_kind",
     "check_ks",
     "check_mask",
+    "check_weighting",
     "correct_counts",
     "f_values",
     "hybrid_loss",
@@ -57,6 +68,7 @@ __all__ = [
     "read_shard",
     "reference_parameters",
     "rehearsal_loss",
+    "rehearsal_share",
     "training_prompts",
     "verl_rehearsal_flags",
 ]

@@ -4,6 +4,11 @@
 token-mean of f(exp(log pi_theta - stored log pi_ref)) on rehearsal rows. In a batch that mixes both
 kinds of rows, :func:`hybrid_loss` routes every row by its own flag (the reference code switches a
 whole micro-batch on its first row's type, which mis-trains mixed micro-batches).
+
+Two weightings (``WEIGHTINGS``): ``additive`` is the formula above; ``rows`` is the reference code's
+effective loss, ``(1 - p) L_exp + p eta L_pef`` with ``p = R / (N + R)`` the share of rehearsal rows
+among the ``N`` online and ``R`` rehearsal rows (it appends the stored rows to the batch and averages
+micro-batch losses), so that ``eta`` is on the scale of its ``sft_loss_coeff``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,26 @@ def _same_shape(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str) -> N
     if a.shape != b.shape:
         raise ShapeError(f"{a_name} has shape {tuple(a.shape)} but {b_name} has shape {tuple(b.shape)}; both are "
                          "per-token [B, T] tensors of the same responses")
+
+
+#: ``additive``: L_exp + eta L_pef; ``rows``: (1 - p) L_exp + p eta L_pef, p = rehearsal rows / all rows
+WEIGHTINGS = ("additive", "rows")
+
+
+def check_weighting(weighting: object) -> str:
+    """``weighting`` if it is one of ``WEIGHTINGS``, else ``ConfigError``."""
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(f"weighting must be one of {', '.join(WEIGHTINGS)} (additive: L_exp + eta D; rows: the "
+                          f"reference code's (1 - p) L_exp + p eta D, p the rehearsal rows' share), got {weighting!r}")
+    return str(weighting)
+
+
+def rehearsal_share(rehearsal_rows: float, online_rows: float) -> float:
+    """``p = R / (N + R)``: the rehearsal rows' share of a batch of ``N`` online and ``R`` rehearsal rows."""
+    if rehearsal_rows < 0 or online_rows < 0 or rehearsal_rows + online_rows <= 0:
+        raise ConfigError(f"need row counts >= 0 with a positive total, got rehearsal {rehearsal_rows}, "
+                          f"online {online_rows}")
+    return float(rehearsal_rows) / float(rehearsal_rows + online_rows)
 
 
 def _float_tensor(x: object, name: str) -> torch.Tensor:
@@ -131,6 +156,7 @@ def hybrid_loss(
     policy_options: dict[str, Any] | None = None,
     agg: str = "token-mean",
     counts: tuple[GlobalCounts, GlobalCounts] | None = None,
+    weighting: str = "additive",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPH-RL loss of a batch mixing exploration and rehearsal rows, routed per row.
 
@@ -139,11 +165,14 @@ def hybrid_loss(
     (called like ``klcore.losses.ppo_clip_loss``; ``ref_log_prob`` ignored). Each part is
     aggregated over its own tokens. With micro-batches, pass ``counts = (exploration_counts,
     rehearsal_counts)`` from the whole mini-batch: then a micro-batch may lack either kind of row.
-    ``is_rehearsal`` must be a bool tensor: the reference code's ``data['type']`` (1 online, 2 rehearsal)
+    ``weighting``: ``additive`` (``L_exp + eta D``) or ``rows`` (``(1 - p) L_exp + p eta D``, ``p`` the
+    rehearsal rows' share: rows with a valid token, of the whole mini-batch when ``counts`` is given);
+    metric ``dph/rehearsal_share`` = p. ``is_rehearsal`` must be a bool tensor: the reference code's ``data['type']`` (1 online, 2 rehearsal)
     is refused (``DTypeError``), since read as flags it marks every row; pass
     ``verl_rehearsal_flags(data['type'])``. ``mask`` as for :func:`rehearsal_loss` (``None``: all valid).
     """
     _float_tensor(log_prob, "log_prob")
+    check_weighting(weighting)
     keep = check_mask(mask, log_prob)
     if not isinstance(is_rehearsal, torch.Tensor) or is_rehearsal.dtype != torch.bool:
         raise DTypeError(f"is_rehearsal must be a [B] bool tensor, got {type(is_rehearsal).__name__} "
@@ -159,22 +188,29 @@ def hybrid_loss(
     advantages = torch.where(explore_mask, advantages, torch.zeros((), dtype=advantages.dtype,
                                                                    device=advantages.device))
     old_log_prob = torch.where(explore_mask, old_log_prob, log_prob.detach().to(old_log_prob.dtype))
-    explore_counts, rehearse_counts = counts if counts is not None else (None, None)
-    total = log_prob.new_zeros((), dtype=torch.float32)
-    metrics: dict[str, torch.Tensor] = {"dph/rehearsal_rows": rows.float().mean()}
     if counts is None and not explore_mask.any() and not rehearse_mask.any():
         raise MaskError("the mask selects no token of either kind of row; pass at least one valid token")
+    explore_counts, rehearse_counts = counts if counts is not None else (None, None)
+    if counts is not None:
+        share = rehearsal_share(counts[1].sequences, counts[0].sequences)
+    else:
+        share = rehearsal_share(float(rehearse_mask.any(-1).sum()), float(explore_mask.any(-1).sum()))
+    explore_weight, rehearse_weight = (1.0 - share, share) if weighting == "rows" else (1.0, 1.0)
+    total = log_prob.new_zeros((), dtype=torch.float32)
+    metrics: dict[str, torch.Tensor] = {"dph/rehearsal_rows": rows.float().mean(),
+                                        "dph/rehearsal_share": torch.tensor(share)}
     if counts is not None or explore_mask.any():
         loss, raw = policy_loss(old_log_prob, log_prob, advantages, explore_mask, agg=agg, counts=explore_counts,
                                 **(policy_options or {}))
-        total = total + loss
+        total = total + explore_weight * loss
         metrics.update({k: torch.as_tensor(v) for k, v in raw.items()})
     if counts is not None or rehearse_mask.any():
         loss, raw = rehearsal_loss(log_prob, ref_log_prob, rehearse_mask, kind=kind, eta=eta, alpha=alpha, agg=agg,
                                    counts=rehearse_counts)
-        total = total + loss
+        total = total + rehearse_weight * loss
         metrics.update(raw)
     return total, metrics
 
 
-__all__ = ["check_eta", "check_mask", "hybrid_loss", "rehearsal_loss", "verl_rehearsal_flags"]
+__all__ = ["WEIGHTINGS", "check_eta", "check_mask", "check_weighting", "hybrid_loss", "rehearsal_loss",
+           "rehearsal_share", "verl_rehearsal_flags"]

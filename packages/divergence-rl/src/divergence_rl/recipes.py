@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from divergence_rl.evaluation import check_ks, pass_at_ks
+from divergence_rl.losses import check_weighting
 from divergence_rl.presampling import PresampleConfig, presample
 from divergence_rl.regulariser import ExplorationTask
 from divergence_rl.store import load_rehearsal
@@ -173,6 +174,7 @@ class DPHToyConfig:
     eta_forward: float = 0.05
     eta_js: float = 0.2
     eta_alpha: float = 0.05
+    weighting: str = "rows"
     alpha: float = 0.2
     rehearsal_batch: int = 64
     eval_every: int = 25
@@ -192,6 +194,7 @@ class DPHToyConfig:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         check_ks(self.ks, self.eval_samples)
+        check_weighting(self.weighting)
         if self.presample.temperature != self.trainer.temperature:
             raise ConfigError(f"presample.temperature = {self.presample.temperature} and trainer.temperature = "
                               f"{self.trainer.temperature} must agree: the stored log-probs are compared with the "
@@ -215,7 +218,7 @@ def _method_config(config: DPHToyConfig, method: str, seed: int, store: Path) ->
     if method in _DPH_KIND:
         eta = {"dph_forward": config.eta_forward, "dph_js": config.eta_js, "dph_alpha": config.eta_alpha}[method]
         regularisers["dph"] = {"path": str(store), "kind": _DPH_KIND[method], "eta": eta, "alpha": config.alpha,
-                               "batch_size": config.rehearsal_batch, "seed": seed}
+                               "weighting": config.weighting, "batch_size": config.rehearsal_batch, "seed": seed}
     kl = config.rkl_coef if method == "grpo_rkl" else 0.0
     return replace(config.trainer, seed=seed, kl_coef=kl, regularisers=regularisers, metrics=metrics)
 

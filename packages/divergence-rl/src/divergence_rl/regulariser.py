@@ -1,8 +1,9 @@
 """DPH-RL inside a klcore trainer: the ``dph`` regulariser, the ``rehearsal_divergence`` metric and
 the exploration-set task.
 
-The regulariser adds ``eta * token-mean f(exp(log pi_theta - stored log pi_ref))`` on a rehearsal
-batch to every optimiser step through ``klcore_extra_loss``, with its own forward pass of the policy
+The regulariser adds ``eta * token-mean f(exp(log pi_theta - stored log pi_ref))`` (``additive``
+weighting), or that times ``R / N`` (``rows``, the reference code's scale: R rehearsal rows, N online rows
+of the optimiser step) on a rehearsal batch to every optimiser step through ``klcore_extra_loss``, with its own forward pass of the policy
 on stored responses: no reference model is loaded or called. The step's rehearsal rows are spread
 over the trainer's micro-batches (each adds its share, normalised by the whole rehearsal batch's
 token count), so every micro-batch is mixed: its online rows get the policy loss from the trainer,
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from divergence_rl.generators import check_alpha, check_kind, f_values
-from divergence_rl.losses import check_eta, rehearsal_loss
+from divergence_rl.losses import check_eta, check_weighting, rehearsal_loss
 from divergence_rl.presampling import model_fingerprint
 from divergence_rl.store import RehearsalSet, SelectionRule, load_rehearsal
 from klcore import hookimpl
@@ -74,8 +75,11 @@ def _rows(batch: Mapping[str, torch.Tensor], index: torch.Tensor, device: torch.
 class DPHRegulariser:
     """Regulariser ``dph``: the DPH-RL rehearsal term added to any policy loss.
 
-    Options: ``path`` (the pre-sampled store), ``kind`` (a generator of ``KINDS``; the paper's
-    DPH-JS is ``js`` with ``eta = 0.2``, DPH-F ``forward_kl``), ``eta``, ``alpha``, ``batch_size``
+    Options: ``path`` (the pre-sampled store), ``kind`` (a generator of ``KINDS``; DPH-JS is ``js``,
+    DPH-F ``forward_kl``), ``eta``, ``weighting`` (``rows``, default: the reference code's effective
+    weighting, ``eta * (R / N) * D`` with R rehearsal rows and N online rows per optimiser step, which is
+    the reference's ``(1 - p) L_exp + p eta D`` times the constant ``1 / (1 - p)``; ``additive``:
+    ``eta * D``), ``alpha``, ``batch_size``
     (rehearsal rows per optimiser step; 0: all), ``seed``, and ``rule`` (a table of
     ``SelectionRule`` fields; default: the store's), ``check_model`` (default true: refuse, at step 0, a
     store pre-sampled from another initial policy; see :func:`check_compatible`). Logs ``dph/loss`` (eta
@@ -88,6 +92,7 @@ class DPHRegulariser:
         path: str,
         kind: str = "js",
         eta: float = 0.2,
+        weighting: str = "rows",
         alpha: float = 0.2,
         batch_size: int = 64,
         seed: int = 0,
@@ -102,6 +107,7 @@ class DPHRegulariser:
             raise ConfigError(f"batch_size must be an int >= 0 (0: every rehearsal row), got {batch_size!r}")
         self.kind, self.eta, self.alpha, self.batch_size, self.seed = kind, float(eta), float(alpha), batch_size, seed
         self.check_model = _flag("check_model", check_model)
+        self.weighting = check_weighting(weighting)
         self.rehearsal = load_rehearsal(Path(path), _rule(rule))
         self._step_rows: torch.Tensor | None = None
         self._counts: GlobalCounts | None = None
@@ -121,12 +127,21 @@ class DPHRegulariser:
         order = torch.randperm(n, generator=gen)
         return order if self.batch_size == 0 or self.batch_size >= n else order[: self.batch_size]
 
+    def rows_ratio(self, online: GlobalCounts) -> float:
+        """``R / N = p / (1 - p)``: this step's rehearsal rows over the optimiser step's online rows (both global
+        over processes, rows with a valid token)."""
+        if self._counts is None:
+            raise ConfigError("rows_ratio needs this step's rehearsal batch: call it from klcore_extra_loss")
+        return self._counts.sequences / online.sequences
+
     @hookimpl
     def klcore_step_start(self) -> None:
         self._updates = 0
 
     @hookimpl
-    def klcore_extra_loss(self, trainer: Any, micro_index: int, micro_count: int) -> dict[str, torch.Tensor] | None:
+    def klcore_extra_loss(
+        self, trainer: Any, counts: GlobalCounts, micro_index: int, micro_count: int
+    ) -> dict[str, torch.Tensor] | None:
         device = trainer.accelerator.device
         if micro_index == 0 or self._step_rows is None or self._counts is None:
             self._step_rows = self.draw(trainer)
@@ -137,7 +152,8 @@ class DPHRegulariser:
             return None
         batch = _rows(self.rehearsal.batch, part, device)
         log_prob, _ = policy_forward(trainer.model, batch, getattr(trainer.config, "temperature", 1.0))
-        loss, _ = rehearsal_loss(log_prob, batch["ref_log_prob"], batch["response_mask"], kind=self.kind, eta=self.eta,
+        eta = self.eta * self.rows_ratio(counts) if self.weighting == "rows" else self.eta
+        loss, _ = rehearsal_loss(log_prob, batch["ref_log_prob"], batch["response_mask"], kind=self.kind, eta=eta,
                                  alpha=self.alpha, counts=self._counts)
         return {"dph/loss": loss}
 
