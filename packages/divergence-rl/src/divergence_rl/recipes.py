@@ -27,6 +27,7 @@ from divergence_rl.presampling import PresampleConfig, presample
 from divergence_rl.regulariser import ExplorationTask
 from divergence_rl.store import load_rehearsal
 from klcore.errors import ConfigError
+from klcore.lm_recipes import PromptSource
 from klcore.toy.tasks import Problem, Task
 from klcore.trainer.config import GRPOConfig
 
@@ -127,8 +128,14 @@ def _default_presample() -> PresampleConfig:
 
 
 @dataclass
-class PresampleRecipeConfig:
-    """``base``: task and base policy; ``presample``: the stage's settings. The store is ``RUN/store``."""
+class PresampleRecipeConfig(PromptSource):
+    """``dph-presample``: the store is ``RUN/store``; ``presample`` holds the stage's settings.
+
+    With ``model`` (a hub name or local folder, loaded by ``klcore.models.load_causal_lm`` with its
+    tokenizer; ``lora.*`` as in ``klcore run grpo``, whose base is then sampled) the prompts are
+    ``data.*`` (``klcore.data``, chat templates included) or a registered ``task``, scored by ``reward``,
+    as in ``klcore run grpo``. Without it: the toy task and base policy of ``base``.
+    """
 
     base: BasePolicyConfig = field(default_factory=BasePolicyConfig)
     presample: PresampleConfig = field(default_factory=_default_presample)
@@ -136,11 +143,23 @@ class PresampleRecipeConfig:
 
 def run_presample(config: PresampleRecipeConfig, run_dir: Path) -> dict[str, Any]:
     """Pre-sample the base policy's responses into ``RUN/store`` (resumes when run again in ``RUN``)."""
+    if config.model:
+        from klcore.lm_recipes import build_task
+        from klcore.models import load_causal_lm
+        from klcore.plugins import build_plugin_manager
+
+        torch.manual_seed(config.presample.seed)  # a LoRA adapter's initialisation (its base is sampled)
+        model, tokenizer = load_causal_lm(config)
+        task = build_task(build_plugin_manager(), config, tokenizer)
+        return presample(model, tokenizer, task, config.presample, run_dir / "store")
+    if config.data.path or config.task:
+        raise ConfigError("data.path / task need a model to sample from: --set model=NAME_OR_FOLDER (without it "
+                          "the recipe pre-samples the toy base policy of base.*)")
     from klcore.toy import char_tokenizer
 
     model = base_policy(config.base, run_dir)
-    task, _ = _tasks(config.base)
-    return presample(model, char_tokenizer(), task, config.presample, run_dir / "store")
+    toy_task, _ = _tasks(config.base)
+    return presample(model, char_tokenizer(), toy_task, config.presample, run_dir / "store")
 
 
 # --- dph-toy -------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ its rehearsal rows the f-divergence from here, each over its own tokens.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,10 @@ import torch
 
 from divergence_rl.generators import check_alpha, check_kind, f_values
 from divergence_rl.losses import check_eta, check_weighting, rehearsal_loss
-from divergence_rl.presampling import model_fingerprint
+from divergence_rl.presampling import model_fingerprint, training_prompts
 from divergence_rl.store import RehearsalSet, SelectionRule, load_rehearsal
 from klcore import hookimpl
+from klcore.data import score_completions
 from klcore.errors import ConfigError, DataError, VocabMismatchError
 from klcore.reduce import GlobalCounts, global_counts
 from klcore.toy.tasks import Problem, Task
@@ -217,7 +218,8 @@ class RehearsalDivergenceMetric:
 @dataclass
 class ExplorationTask:
     """``task`` whose ``train`` split is the exploration set ``problems`` (drawn uniformly with
-    replacement); ``test`` and verification are the base task's. Train DPH-RL's online part on it."""
+    replacement); ``test``, scoring and data metrics are the base task's. Train DPH-RL's online part on
+    it. :meth:`from_store` builds it from a rehearsal store, with a dataset's own encoded prompts."""
 
     task: Task
     problems_list: tuple[Problem, ...]
@@ -229,9 +231,39 @@ class ExplorationTask:
                               "tighten the selection rule or sample more prompts")
         self.name = self.task.name
 
+    @classmethod
+    def from_store(cls, task: Task, rehearsal: RehearsalSet) -> ExplorationTask:
+        """The exploration set of ``rehearsal`` as ``task``'s own problems. For a prompt dataset these are its
+        ``klcore.data.Prompt`` rows (encoded ids, chat template and reward fields included), matched by
+        position with the store's prompts; ``DataError`` if the dataset's training prompts (their text and
+        answer, and the token ids of every stored response's prompt) are not the ones the store was sampled
+        from."""
+        stored = rehearsal.manifest["prompts"]
+        if not hasattr(task, "items"):
+            return cls(task, tuple(rehearsal.exploration))
+        pool = training_prompts(task, len(stored), 0)
+        found = [[p.prompt, p.answer] for p in pool]
+        if found != [list(p) for p in stored]:
+            first = next((i for i, (a, b) in enumerate(zip(found, stored, strict=False)) if a != list(b)),
+                         min(len(found), len(stored)))
+            raise DataError(f"the training prompts of {task.name!r} differ from those the store was pre-sampled from "
+                            f"(first at position {first}; {len(found)} here, {len(stored)} stored): load the same "
+                            "data with the same split, or pre-sample again")
+        for row, owner in enumerate(rehearsal.row_prompt_index):
+            ids = list(getattr(pool[owner], "ids", ()))
+            if ids and ids != rehearsal.prompt_ids(row):
+                raise DataError(f"prompt {owner} of {task.name!r} ({pool[owner].prompt[:40]!r}) encodes to other tokens "
+                                "than the store's (another chat template, system prompt or tokenizer?): load the data "
+                                "as it was pre-sampled, or pre-sample again")
+        return cls(task, tuple(pool[i] for i in rehearsal.exploration_index))
+
     @property
     def max_answer_chars(self) -> int:
         return self.task.max_answer_chars
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return dict(getattr(self.task, "metrics", {}))
 
     def problems(self, n: int, *, generator: torch.Generator, split: str = "train") -> list[Problem]:
         if split != "train":
@@ -241,6 +273,10 @@ class ExplorationTask:
 
     def verify(self, problem: Problem, completion: str) -> float:
         return self.task.verify(problem, completion)
+
+    def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> list[float]:
+        """The base task's rewards (one batch call for a dataset's reward)."""
+        return score_completions(self.task, problems, completions)
 
 
 __all__ = ["DPHRegulariser", "ExplorationTask", "RehearsalDivergenceMetric", "check_compatible"]
