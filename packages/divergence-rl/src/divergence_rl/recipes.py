@@ -1,10 +1,11 @@
-"""Recipes ``dph-presample`` (the pre-sampling stage as a command) and ``dph-toy`` (the comparison).
+"""Recipes ``dph-presample`` (the pre-sampling stage as a command) and ``dph-toy`` (the comparison,
+an experiment on ``klcore.experiments``).
 
-Both start from the same base policy: klcore's tiny Llama warmed up on the toy task, mixed with a
-share ``warmup_ood_fraction`` of out-of-domain problems so that the out-of-domain check measures
-what RL on the in-domain task keeps. The base model is saved (safetensors) in ``RUN/base_model``
-and reused when the command is run again in the same folder, so an interrupted pre-sampling resumes
-from the same policy.
+The toy base policy is klcore's tiny Llama warmed up on a toy task (``BasePolicyConfig``: by default
+1-digit addition with a share ``warmup_ood_fraction`` of out-of-domain problems; ``dph-toy`` uses
+2-digit x 1-digit multiplication, whose held-out split has 200 problems). It is saved (safetensors) in
+``RUN/base_model`` and reused when the command is run again in the same folder, so an interrupted
+pre-sampling or experiment resumes from the same policy.
 """
 
 from __future__ import annotations
