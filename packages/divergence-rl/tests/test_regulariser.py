@@ -9,9 +9,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from divergence_rl import ExplorationTask, PresampleConfig, f_values, hybrid_loss, plugin, presample, rehearsal_loss
+from divergence_rl import (
+    ExplorationTask,
+    PresampleConfig,
+    f_values,
+    hybrid_loss,
+    plugin,
+    presample,
+    rehearsal_loss,
+    verl_rehearsal_flags,
+)
 
-from klcore.errors import ConfigError, MaskError, ShapeError, VocabMismatchError
+from klcore.errors import (
+    ConfigError,
+    DataError,
+    DTypeError,
+    MaskError,
+    NonFiniteError,
+    ShapeError,
+    VocabMismatchError,
+)
 from klcore.losses import ppo_clip_loss
 from klcore.plugins import build_plugin_manager
 from klcore.reduce import global_counts
@@ -108,6 +125,98 @@ def test_bad_inputs_to_the_losses() -> None:
         hybrid_loss(b["old"], b["new"], b["adv"], b["ref"], torch.zeros_like(b["mask"]), torch.ones(6, dtype=torch.bool))
     with pytest.raises(ConfigError):
         rehearsal_loss(b["new"], b["ref"], b["mask"], kind="alpha", alpha=1.0)
+
+
+@pytest.mark.parametrize("eta", [-1.0, float("nan"), float("inf"), True, "0.2"])
+def test_eta_must_be_a_finite_number_at_least_zero(eta) -> None:
+    b = _mixed_batch()
+    with pytest.raises(ConfigError, match="eta"):
+        rehearsal_loss(b["new"], b["ref"], b["mask"], eta=eta)
+    with pytest.raises(ConfigError, match="eta"):
+        hybrid_loss(b["old"], b["new"], b["adv"], b["ref"], b["mask"], torch.ones(6, dtype=torch.bool), eta=eta)
+
+
+@pytest.mark.parametrize("bad", [float("-inf"), float("inf"), float("nan")])
+def test_a_non_finite_stored_log_prob_at_a_valid_token_is_refused(bad: float) -> None:
+    b = _mixed_batch()
+    ref = b["ref"].clone()
+    ref[2, 0] = bad  # column 0 is valid in every row
+    with pytest.raises(NonFiniteError, match=r"ref_log_prob .* \(2, 0\)"):
+        rehearsal_loss(b["new"], ref, b["mask"], kind="forward_kl")
+    new = b["new"].detach().clone()
+    new[1, 0] = bad
+    with pytest.raises(NonFiniteError, match="log_prob"):
+        rehearsal_loss(new, b["ref"], b["mask"])
+
+
+def test_padding_may_hold_anything_in_both_log_probs() -> None:
+    b = _mixed_batch(seed=4)
+    pad = ~b["mask"]
+    assert pad.any()
+    clean, _ = rehearsal_loss(b["new"], b["ref"], b["mask"], kind="js")
+    (g_clean,) = torch.autograd.grad(clean, b["new"])
+    for junk in (float("nan"), float("-inf"), float("inf"), 1e30):
+        new = torch.where(pad, torch.full_like(b["new"], junk), b["new"].detach()).requires_grad_(True)
+        ref = torch.where(pad, torch.full_like(b["ref"], junk), b["ref"])
+        loss, _ = rehearsal_loss(new, ref, b["mask"], kind="js")
+        (grad,) = torch.autograd.grad(loss, new)
+        torch.testing.assert_close(loss, clean)
+        torch.testing.assert_close(grad, g_clean)
+        assert bool((grad[pad] == 0).all())
+
+
+def test_masks_boolean_zero_one_or_none() -> None:
+    b = _mixed_batch()
+    want, _ = rehearsal_loss(b["new"], b["ref"], b["mask"], kind="alpha")
+    as_float, _ = rehearsal_loss(b["new"], b["ref"], b["mask"].float(), kind="alpha")
+    torch.testing.assert_close(as_float, want)
+    every, _ = rehearsal_loss(b["new"], b["ref"], None, kind="alpha", eta=1.0)
+    torch.testing.assert_close(every, _manual_f_mean(b["new"], b["ref"], torch.ones_like(b["mask"]), "alpha"))
+    soft = b["mask"].float()
+    soft[0, 0] = 0.5
+    with pytest.raises(MaskError, match=r"0\.5"):
+        rehearsal_loss(b["new"], b["ref"], soft)
+    with pytest.raises(MaskError, match="0 and 1"):
+        hybrid_loss(b["old"], b["new"], b["adv"], b["ref"], soft, torch.ones(6, dtype=torch.bool))
+    flags = torch.tensor([True, False, True, False, False, True])
+    mixed_none, _ = hybrid_loss(b["old"], b["new"], b["adv"], b["ref"], None, flags)
+    mixed_ones, _ = hybrid_loss(b["old"], b["new"], b["adv"], b["ref"], torch.ones_like(b["mask"]), flags)
+    torch.testing.assert_close(mixed_none, mixed_ones)
+
+
+def test_verl_row_types_are_refused_raw_and_accepted_through_the_helper() -> None:
+    b = _mixed_batch()
+    types = torch.tensor([2, 1, 2, 1, 1, 2])  # verl: 1 online, 2 stored rehearsal row
+    with pytest.raises(DTypeError, match="verl_rehearsal_flags"):
+        hybrid_loss(b["old"], b["new"], b["adv"], b["ref"], b["mask"], types)
+    with pytest.raises(DTypeError, match="bool"):
+        hybrid_loss(b["old"], b["new"], b["adv"], b["ref"], b["mask"], (types == 2).long())
+    flags = verl_rehearsal_flags(types)
+    assert flags.tolist() == [True, False, True, False, False, True]
+    got, _ = hybrid_loss(b["old"], b["new"], b["adv"], b["ref"], b["mask"], flags, kind="js")
+    want, _ = hybrid_loss(b["old"], b["new"], b["adv"], b["ref"], b["mask"], types == 2, kind="js")
+    torch.testing.assert_close(got, want)
+    with pytest.raises(DataError, match=r"\[0\]"):
+        verl_rehearsal_flags(torch.tensor([0, 1, 2]))
+    with pytest.raises(DTypeError):
+        verl_rehearsal_flags(torch.tensor([1.0, 2.0]))
+
+
+def test_hybrid_loss_ignores_what_the_other_kind_of_row_and_padding_hold() -> None:
+    b = _mixed_batch(seed=5)
+    flags = torch.tensor([False, True, False, True, False, False])
+    clean, _ = hybrid_loss(b["old"], b["new"], b["adv"], b["ref"], b["mask"], flags, kind="forward_kl")
+    (g_clean,) = torch.autograd.grad(clean, b["new"])
+    nan = torch.full_like(b["old"], float("nan"))
+    rows = flags[:, None].expand_as(b["mask"])
+    old = torch.where(rows, nan, b["old"])  # rehearsal rows: no old log-probs or advantages (verl stores zeros)
+    adv = torch.where(rows, nan, b["adv"])
+    ref = torch.where(rows, b["ref"], nan)  # online rows: no stored log-probs
+    new = torch.where(b["mask"], b["new"].detach(), nan).requires_grad_(True)
+    loss, _ = hybrid_loss(old, new, adv, ref, b["mask"], flags, kind="forward_kl")
+    (grad,) = torch.autograd.grad(loss, new)
+    torch.testing.assert_close(loss, clean)
+    torch.testing.assert_close(grad, g_clean)
 
 
 # --- inside GRPOTrainer --------------------------------------------------------------------------
@@ -217,7 +326,7 @@ def test_vocab_and_temperature_mismatch(store, plugins, tmp_path) -> None:
         _trainer(tmp_path / "t", _fresh_plugins(), store, temperature=0.7).train()
 
 
-@pytest.mark.parametrize("options", [{"kind": "kl"}, {"kind": "alpha", "alpha": 0.0}, {"eta": -1.0},
+@pytest.mark.parametrize("options", [{"kind": "kl"}, {"kind": "alpha", "alpha": 0.0}, {"eta": -1.0}, {"eta": float("nan")},
                                      {"batch_size": -2}, {"rule": {"min_correct": 9}}])
 def test_bad_regulariser_options(store, plugins, tmp_path, options) -> None:
     with pytest.raises(ConfigError):
@@ -229,3 +338,47 @@ def test_missing_store_and_empty_exploration(plugins, tmp_path) -> None:
         _trainer(tmp_path, plugins, tmp_path / "no-store")
     with pytest.raises(ConfigError, match="exploration"):
         ExplorationTask(TASK, ())
+
+
+# --- the store's initial policy ------------------------------------------------------------------
+
+
+def test_store_from_another_initial_policy_is_refused_at_step_0(store, tmp_path) -> None:
+    other = tiny_causal_lm(tiny_config("tiny"), seed=1)  # same architecture and vocabulary, other weights
+    with pytest.raises(DataError, match=r"another initial policy.*check_model = false"):
+        _trainer(tmp_path / "reg", _fresh_plugins(), store, model=other).train()
+    metric_only = {"regularisers": {}, "metrics": {"rehearsal_divergence": {"path": str(store)}}}
+    with pytest.raises(DataError, match="another initial policy"):
+        _trainer(tmp_path / "metric", _fresh_plugins(), store, model=copy.deepcopy(other), **metric_only).train()
+    rows = _trainer(tmp_path / "override", _fresh_plugins(), store, model=other, steps=1,
+                    dph={"check_model": False}).train()
+    assert rows[0]["dph/loss"] > 0  # the other model is far from the store's log-probs
+
+
+def test_a_resumed_run_is_not_checked_against_its_moved_weights(store, tmp_path) -> None:
+    from divergence_rl import load_rehearsal, model_fingerprint
+
+    _trainer(tmp_path, _fresh_plugins(), store, steps=2).train()
+    resumed = _trainer(tmp_path, _fresh_plugins(), store, steps=3, resume=True)
+    assert resumed.resume() and resumed.step == 2
+    assert model_fingerprint(resumed.unwrapped_model) != load_rehearsal(store).manifest["model_fingerprint"]
+    resumed = _trainer(tmp_path, _fresh_plugins(), store, steps=3, resume=True)
+    assert len(resumed.train()) == 3
+
+
+def test_a_lora_policy_over_the_stores_base_model_is_accepted(store, tmp_path) -> None:
+    from divergence_rl import model_fingerprint
+
+    from klcore.models import LoraConfig, add_lora
+
+    base = tiny_causal_lm(tiny_config("tiny"), seed=0)
+    plain = model_fingerprint(base)
+    lora = add_lora(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert model_fingerprint(lora) == plain
+    rows = _trainer(tmp_path, _fresh_plugins(), store, model=lora, steps=1).train()
+    assert rows[0]["dph/loss"] == pytest.approx(0.0, abs=1e-6)  # LoRA's B = 0: the policy starts at the base
+
+
+def test_check_model_must_be_a_flag(store, plugins, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="check_model"):
+        _trainer(tmp_path, plugins, store, dph={"check_model": "no"})

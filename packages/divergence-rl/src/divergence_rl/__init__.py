@@ -6,8 +6,23 @@ pre-sampled from the initial policy, so no reference model is loaded during RL.
 
 from divergence_rl.evaluation import PassAtKMetric, check_ks, correct_counts, mean_pass_at_k, pass_at_ks
 from divergence_rl.generators import KINDS, LOG_RATIO_BOUND, check_alpha, check_kind, f_values
-from divergence_rl.losses import hybrid_loss, rehearsal_loss
-from divergence_rl.presampling import PresampleConfig, model_fingerprint, presample, training_prompts
+from divergence_rl.losses import (
+    WEIGHTINGS,
+    check_eta,
+    check_mask,
+    check_weighting,
+    hybrid_loss,
+    rehearsal_loss,
+    rehearsal_share,
+    verl_rehearsal_flags,
+)
+from divergence_rl.presampling import (
+    PresampleConfig,
+    model_fingerprint,
+    presample,
+    reference_parameters,
+    training_prompts,
+)
 from divergence_rl.regulariser import DPHRegulariser, ExplorationTask, RehearsalDivergenceMetric, check_compatible
 from divergence_rl.store import (
     FORMAT,
@@ -26,6 +41,7 @@ __all__ = [
     "LOG_RATIO_BOUND",
     "MANIFEST",
     "VERSION",
+    "WEIGHTINGS",
     "DPHRegulariser",
     "ExplorationTask",
     "PassAtKMetric",
@@ -35,8 +51,11 @@ __all__ = [
     "SelectionRule",
     "check_alpha",
     "check_compatible",
+    "check_eta",
     "check_kind",
     "check_ks",
+    "check_mask",
+    "check_weighting",
     "correct_counts",
     "f_values",
     "hybrid_loss",
@@ -47,6 +66,9 @@ __all__ = [
     "presample",
     "read_manifest",
     "read_shard",
+    "reference_parameters",
     "rehearsal_loss",
+    "rehearsal_share",
     "training_prompts",
+    "verl_rehearsal_flags",
 ]

@@ -11,11 +11,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from klcore import hookimpl
-from klcore.data import padding_id
+from klcore.data import padding_id, score_completions
 from klcore.errors import ConfigError
 from klcore.rollout import pass_at_k, sample
 from klcore.toy import encode_prompts, get_task
-from klcore.toy.tasks import Task
+from klcore.toy.tasks import Problem, Task
 
 
 def check_ks(ks: Sequence[int], samples: int) -> tuple[int, ...]:
@@ -36,7 +36,43 @@ def mean_pass_at_k(correct: Sequence[int], samples: int, k: int) -> float:
     return sum(pass_at_k(samples, int(c), k) for c in correct) / len(correct)
 
 
+def distinct_problems(task: Task, n: int, *, split: str = "test", seed: int = 0) -> list[Problem]:
+    """Up to ``n`` distinct problems of ``split``, without replacement: a dataset's first ``n`` items (file
+    order), or a toy task's problems drawn with ``seed`` until ``n`` distinct ones (fewer when the split is
+    smaller: 20 rounds of ``n`` draws find no more)."""
+    items = getattr(task, "items", None)
+    if callable(items):
+        return list(items(split))[:n]
+    gen = torch.Generator().manual_seed(seed)
+    seen: dict[str, Problem] = {}
+    for _ in range(20):
+        for p in task.problems(n, generator=gen, split=split):
+            if len(seen) < n:
+                seen.setdefault(p.prompt, p)
+        if len(seen) == n:
+            break
+    return list(seen.values())
+
+
 @torch.no_grad()
+def counts_on(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, problems: Sequence[Problem], *,
+    samples: int = 16, temperature: float = 1.0, seed: int = 0,
+) -> list[int]:
+    """Number of correct completions (reward >= 1) among ``samples`` sampled for each of ``problems``."""
+    if not problems:
+        raise ConfigError("need at least one problem to evaluate")
+    gen = torch.Generator().manual_seed(seed)
+    roll = sample(
+        model, encode_prompts(tokenizer, problems), group_size=samples, max_new_tokens=task.max_answer_chars + 2,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=padding_id(tokenizer), temperature=temperature,
+        generator=gen,
+    )
+    texts = tokenizer.batch_decode(roll.responses, skip_special_tokens=True)
+    rewards = score_completions(task, [problems[i // samples] for i in range(len(texts))], texts)
+    return [sum(r >= 1.0 for r in rewards[i * samples : (i + 1) * samples]) for i in range(len(problems))]
+
+
 def correct_counts(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -48,16 +84,10 @@ def correct_counts(
     split: str = "test",
     seed: int = 0,
 ) -> list[int]:
-    """Number of correct completions among ``samples`` sampled for each of ``problems`` problems."""
-    gen = torch.Generator().manual_seed(seed)
-    drawn = task.problems(problems, generator=gen, split=split)
-    roll = sample(
-        model, encode_prompts(tokenizer, drawn), group_size=samples, max_new_tokens=task.max_answer_chars + 2,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=padding_id(tokenizer), temperature=temperature,
-        generator=gen,
-    )
-    texts = tokenizer.batch_decode(roll.responses, skip_special_tokens=True)
-    return [int(sum(task.verify(p, texts[i * samples + j]) for j in range(samples))) for i, p in enumerate(drawn)]
+    """Number of correct completions among ``samples`` sampled for each of up to ``problems`` distinct
+    problems of ``split`` (:func:`distinct_problems`)."""
+    drawn = distinct_problems(task, problems, split=split, seed=seed)
+    return counts_on(model, tokenizer, task, drawn, samples=samples, temperature=temperature, seed=seed)
 
 
 def pass_at_ks(
@@ -126,4 +156,5 @@ class PassAtKMetric:
         return None
 
 
-__all__ = ["PassAtKMetric", "check_ks", "correct_counts", "mean_pass_at_k", "pass_at_ks"]
+__all__ = ["PassAtKMetric", "check_ks", "correct_counts", "counts_on", "distinct_problems", "mean_pass_at_k",
+           "pass_at_ks"]

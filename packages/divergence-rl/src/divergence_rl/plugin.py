@@ -33,13 +33,13 @@ def klcore_register_recipes() -> list[Component]:
 
     presample = Recipe(
         name="dph-presample",
-        help="DPH-RL pre-sampling stage: sample k responses per prompt from the base policy, verify, store (resumable)",
+        help="DPH-RL pre-sampling: k responses per prompt (toy task or data.*) from the base policy, scored, stored",
         config_class=recipes.PresampleRecipeConfig,
         run=recipes.run_presample,
     )
     toy = Recipe(
         name="dph-toy",
-        help="GRPO vs GRPO+reverse-KL vs DPH forward-KL / JS / alpha on toy addition, Pass@k in and out of domain",
+        help="experiment: base vs GRPO vs DPH forward-KL / JS at eta x {1, 10}, 3 seeds, Pass@k with 95% intervals",
         config_class=recipes.DPHToyConfig,
         run=recipes.run_toy,
     )

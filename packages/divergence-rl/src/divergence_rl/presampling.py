@@ -3,20 +3,27 @@
 For each training prompt, draw ``samples`` responses (plus one extra when ``extra_sample``) from the
 initial policy, verify them, and keep up to ``responses_per_prompt`` correct responses with their
 per-token log-probs under the initial policy (a teacher-forced forward pass at ``temperature``, the
-same computation the trainer does). Prompts are processed in chunks of ``chunk_size``; each chunk is
+same computation the trainer does). The prompts come from a toy task or from any prompt dataset
+(``klcore.data.load_prompts``: files or ``datasets`` names, chat templates, any tokenizer), encoded as
+the trainer encodes them and scored by the dataset's reward (correct: reward >= 1). With a peft LoRA
+policy the initial policy is its base model: sampling and log-probs run with the adapters disabled
+(``klcore.models.adapters_disabled``), with no second copy of the model. Prompts are processed in chunks of ``chunk_size``; each chunk is
 one atomically written shard drawn with its own seed, so an interrupted run resumed in the same
 folder skips the finished shards and produces exactly the store an uninterrupted run would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedTokenizerBase
 
 from divergence_rl.store import (
@@ -30,8 +37,9 @@ from divergence_rl.store import (
     read_shard,
     shard_path,
 )
-from klcore.data import padding_id
+from klcore.data import padding_id, score_completions
 from klcore.errors import CheckpointError, ConfigError, DataError
+from klcore.models import adapters_disabled, is_peft_model
 from klcore.rollout import sample
 from klcore.toy import encode_prompts
 from klcore.toy.tasks import Problem, Task
@@ -46,7 +54,8 @@ _RESUME_KEYS = ("samples", "extra_sample", "responses_per_prompt", "temperature"
 class PresampleConfig:
     """Settings of the pre-sampling stage (defaults: the paper's k = 8 with one extra sample, >= 7/8).
 
-    ``max_new_tokens = 0`` uses the task's longest answer plus two. The selection rule
+    ``num_prompts = 0`` takes every training prompt of a prompt dataset (see :func:`training_prompts`).
+    ``max_new_tokens = 0`` uses the task's longest answer plus two (set it for free-form answers). The selection rule
     (``min_correct``, ``first_correct``, ``extra_sample``) is stored as the default split; another
     rule can be applied when the store is read (:func:`divergence_rl.load_rehearsal`).
     """
@@ -63,7 +72,10 @@ class PresampleConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_prompts", "samples", "responses_per_prompt", "chunk_size"):
+        if isinstance(self.num_prompts, bool) or not isinstance(self.num_prompts, int) or self.num_prompts < 0:
+            raise ConfigError(f"presample num_prompts must be an int >= 0 (0: every prompt of a dataset), got "
+                              f"{self.num_prompts!r}")
+        for name in ("samples", "responses_per_prompt", "chunk_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"presample {name} must be a positive int, got {v!r}")
@@ -81,7 +93,18 @@ class PresampleConfig:
 
 
 def training_prompts(task: Task, n: int, seed: int) -> list[Problem]:
-    """``n`` distinct training-split problems of ``task`` drawn with ``seed`` (fewer if the split is smaller)."""
+    """The training prompts the store is built from.
+
+    For a prompt dataset (a task with ``items``, such as ``klcore.data.PromptDataset``): its ``train``
+    split in file order, the first ``n`` (``n = 0``: all), each an encoded ``klcore.data.Prompt``. For a
+    toy task: ``n`` distinct training-split problems drawn with ``seed`` (fewer if the split is smaller).
+    """
+    if hasattr(task, "items"):
+        pool = list(task.items("train"))
+        return pool[:n] if n else pool
+    if n == 0:
+        raise ConfigError(f"num_prompts = 0 (every prompt) needs a prompt dataset; {type(task).__name__} draws its "
+                          "problems: give num_prompts")
     gen = torch.Generator().manual_seed(seed)
     seen: dict[str, Problem] = {}
     for _ in range(20):
@@ -93,14 +116,48 @@ def training_prompts(task: Task, n: int, seed: int) -> list[Problem]:
     return list(seen.values())
 
 
+@contextlib.contextmanager
+def as_reference(model: nn.Module) -> Iterator[None]:
+    """Inside, ``model`` computes the reference policy: a peft model's base (adapters disabled), else itself."""
+    if is_peft_model(model):
+        with adapters_disabled(model):
+            yield
+    else:
+        yield
+
+
+#: name parts of peft's adapter weights (skipped) and of its wrappers around a base weight (dropped from the name)
+_ADAPTER_PARTS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                            "modules_to_save"})
+_WRAPPER_PARTS = frozenset({"base_layer", "original_module"})
+
+
+def reference_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, weight)`` of the reference policy ``model`` stands for: its own parameters, or for a peft
+    LoRA model its base model's weights under the base model's names (adapters excluded), since with LoRA
+    the reference is the adapter-disabled base."""
+    if not is_peft_model(model):
+        yield from model.named_parameters()
+        return
+    for name, param in model.get_base_model().named_parameters():  # type: ignore[operator]
+        parts = name.split(".")
+        if not _ADAPTER_PARTS.intersection(parts):
+            yield ".".join(q for q in parts if q not in _WRAPPER_PARTS), param
+
+
 @torch.no_grad()
 def model_fingerprint(model: nn.Module) -> str:
-    """A cheap hash of ``model``'s weights (16 hex digits): per parameter its name, shape, dtype, sum of |w| and
-    of w^2 (6 significant digits) and sum(w) / sum(|w|) (6 decimals), so that the last-bit differences of a
-    float64 reduction on another device do not change it while any real change of the weights does."""
+    """A cheap hash of the reference policy's weights (16 hex digits; see :func:`reference_parameters`: a LoRA
+    model gives its base model's fingerprint): per parameter its name, shape, dtype, sum of |w| and of w^2
+    (6 significant digits) and sum(w) / sum(|w|) (6 decimals), so that the last-bit differences of a float64
+    reduction on another device do not change it while any real change of the weights does. Sharded (FSDP2)
+    weights are gathered first: call it on every process."""
     digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        w = param.detach().double()
+    for name, param in reference_parameters(model):
+        w = param.detach()
+        if isinstance(w, DTensor):
+            w = w.full_tensor()
+        w = w.double()
         l1, l2, signed = (float(v) for v in torch.stack([w.abs().sum(), w.square().sum(), w.sum()]).cpu())
         balance = signed / l1 if l1 > 0 else 0.0
         digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|{l1:.6e}|{l2:.6e}|{balance:.6f};".encode())
@@ -135,14 +192,15 @@ def _sample_chunk(
 ) -> dict[str, torch.Tensor]:
     per_prompt = config.samples + int(config.extra_sample)
     gen = torch.Generator().manual_seed(seed)
-    roll = sample(
-        model, encode_prompts(tokenizer, problems), group_size=per_prompt, max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=padding_id(tokenizer), temperature=config.temperature,
-        generator=gen,
-    )
+    with as_reference(model):
+        roll = sample(
+            model, encode_prompts(tokenizer, problems), group_size=per_prompt, max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=padding_id(tokenizer), temperature=config.temperature,
+            generator=gen,
+        )
     texts = tokenizer.batch_decode(roll.responses, skip_special_tokens=True)
-    correct = torch.tensor([task.verify(problems[i // per_prompt], t) for i, t in enumerate(texts)])
-    correct = correct.view(len(problems), per_prompt).to(torch.uint8)
+    rewards = score_completions(task, [problems[i // per_prompt] for i in range(len(texts))], texts)
+    correct = torch.tensor([r >= 1.0 for r in rewards]).view(len(problems), per_prompt).to(torch.uint8)
     rows = [i * per_prompt + j for i in range(len(problems))
             for j in correct[i].nonzero().flatten().tolist()[: config.responses_per_prompt]]
     take = torch.tensor(rows, dtype=torch.long)
@@ -154,7 +212,8 @@ def _sample_chunk(
         was_training = model.training
         model.eval()
         try:
-            ref_log_prob, _ = policy_forward(model, batch, config.temperature)
+            with as_reference(model):
+                ref_log_prob, _ = policy_forward(model, batch, config.temperature)
         finally:
             model.train(was_training)
         mask = roll.response_mask[take]
@@ -173,6 +232,9 @@ def presample(
 ) -> dict[str, Any]:
     """Run (or resume) the pre-sampling stage into the store folder ``out``; return a summary.
 
+    ``task`` is a toy task or a prompt dataset (``klcore.data.PromptDataset``, scored by its reward);
+    ``model`` the initial policy, or a peft LoRA model whose base is the initial policy.
+
     The summary holds the number of prompts, of shards written now and skipped as already done, of
     stored responses, and the sizes of the rehearsal and exploration sets under the config's rule.
     Raises ``CheckpointError`` when ``out`` holds a store sampled with other settings or prompts, and
@@ -185,6 +247,9 @@ def presample(
         raise ConfigError(f"{type(model).__name__} has no config.vocab_size; pass a Hugging Face causal LM")
     max_new = config.max_new_tokens or task.max_answer_chars + 2
     prompts = training_prompts(task, config.num_prompts, config.seed)
+    if not prompts:
+        raise DataError(f"{getattr(task, 'name', type(task).__name__)!r} has no training prompt to pre-sample; "
+                        "check the data's train split (data.test_fraction) or num_prompts")
     manifest = _manifest(config, prompts, vocab, padding_id(tokenizer), max_new, model_fingerprint(model))
     if (root / MANIFEST).exists():
         old = read_manifest(root)
@@ -236,4 +301,5 @@ def presample(
     }
 
 
-__all__ = ["PresampleConfig", "model_fingerprint", "presample", "training_prompts"]
+__all__ = ["PresampleConfig", "as_reference", "model_fingerprint", "presample", "reference_parameters",
+           "training_prompts"]

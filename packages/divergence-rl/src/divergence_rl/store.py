@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,13 +97,24 @@ class RehearsalSet:
 
     ``batch`` holds ``input_ids`` / ``attention_mask`` / ``position_ids`` ``[N, P + R]``,
     ``responses`` / ``response_mask`` / ``ref_log_prob`` ``[N, R]``. ``manifest`` is the store's
-    manifest; ``rehearsal`` and ``exploration`` are the training prompts of each set.
+    manifest; ``rehearsal`` and ``exploration`` are the training prompts of each set (as text and
+    answer), ``rehearsal_index`` / ``exploration_index`` their positions in the manifest's prompts,
+    ``row_prompt_index`` the position of each batch row's prompt.
     """
 
     batch: dict[str, torch.Tensor]
     rehearsal: list[Problem]
     exploration: list[Problem]
     manifest: dict[str, Any]
+    rehearsal_index: list[int] = field(default_factory=list)
+    exploration_index: list[int] = field(default_factory=list)
+    row_prompt_index: list[int] = field(default_factory=list)
+
+    def prompt_ids(self, row: int) -> list[int]:
+        """The stored prompt token ids of batch row ``row`` (without padding)."""
+        width = self.batch["input_ids"].shape[1] - self.batch["responses"].shape[1]
+        keep = self.batch["attention_mask"][row, :width].bool()
+        return self.batch["input_ids"][row, :width][keep].tolist()
 
     def __len__(self) -> int:
         return int(self.batch["responses"].shape[0])
@@ -224,11 +235,16 @@ def load_rehearsal(root: str | Path, rule: SelectionRule | None = None) -> Rehea
         "ref_log_prob": _pad([logp_rows[i] for i in rows], width_r, 0.0, left=False),
     }
     rehearsed = {owners[i] for i in rows}
+    rehearsal_index = [i for i in range(len(prompts)) if i in rehearsed]
+    exploration_index = [i for i in range(len(prompts)) if i not in rehearsed]
     return RehearsalSet(
         batch=batch,
-        rehearsal=[p for i, p in enumerate(prompts) if i in rehearsed],
-        exploration=[p for i, p in enumerate(prompts) if i not in rehearsed],
+        rehearsal=[prompts[i] for i in rehearsal_index],
+        exploration=[prompts[i] for i in exploration_index],
         manifest={**manifest, "rule": asdict(rule)},
+        rehearsal_index=rehearsal_index,
+        exploration_index=exploration_index,
+        row_prompt_index=[owners[i] for i in rows],
     )
 
 
