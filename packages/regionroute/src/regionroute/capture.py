@@ -274,39 +274,47 @@ def register_attention_capture(
             f"attention capture supports FluxTransformer2DModel and UNet2DConditionModel, got {kind}"
         )
     procs = _processors(model)
-    if kind == "FluxTransformer2DModel":
-        chosen = _selected([n for n in procs], layers)
-        for name in chosen:
-            procs[name] = FluxAttentionCapture(store, name)
-
-        model._regionroute_store = store  # type: ignore[assignment]
-        if not getattr(model, "_regionroute_text_hook", False):
-            model.register_forward_pre_hook(_remember_text_len, with_kwargs=True)
-            model._regionroute_text_hook = True  # type: ignore[assignment]
-    else:
-        chosen = _selected([n for n in procs if ".attn2." in n], layers)
-        for name in chosen:
-            inner = procs[name]
-            if isinstance(inner, UNetCrossAttentionCapture):
-                inner = inner.inner
-            procs[name] = UNetCrossAttentionCapture(store, name, inner)
+    originals: dict[str, Any] = getattr(model, "_regionroute_originals", {})
+    flux = kind == "FluxTransformer2DModel"
+    chosen = _selected([n for n in procs if flux or ".attn2." in n], layers)
     if not chosen:
         raise ConfigError(f"layers={layers!r} selects no attention layer of {kind}; names look like {next(iter(procs))!r}")
+    for name in chosen:
+        inner = procs[name]
+        if isinstance(inner, (FluxAttentionCapture, UNetCrossAttentionCapture)):
+            inner = originals[name]  # already captured: wrap the processor found before the first capture
+        else:
+            originals[name] = inner
+        procs[name] = FluxAttentionCapture(store, name) if flux else UNetCrossAttentionCapture(store, name, inner)
     model.set_attn_processor(procs)  # type: ignore[operator]
+    model._regionroute_originals = originals  # type: ignore[assignment]
+    if flux:
+        model._regionroute_store = store  # type: ignore[assignment]
+        if getattr(model, "_regionroute_text_hook", None) is None:
+            model._regionroute_text_hook = model.register_forward_pre_hook(_remember_text_len, with_kwargs=True)  # type: ignore[assignment]
     return chosen
 
 
 def remove_attention_capture(model: nn.Module) -> None:
-    """Put back the default processors (Flux) or the wrapped ones (UNet)."""
+    """Put back the processors that :func:`register_attention_capture` replaced (the very objects) and
+    remove the text-length hook; the model is then as it was before the first capture."""
+    originals: dict[str, Any] = getattr(model, "_regionroute_originals", {})
     procs = _processors(model)
     for name, proc in procs.items():
-        if isinstance(proc, FluxAttentionCapture):
-            from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
-            procs[name] = FluxAttnProcessor()
-        elif isinstance(proc, UNetCrossAttentionCapture):
-            procs[name] = proc.inner
+        if isinstance(proc, (FluxAttentionCapture, UNetCrossAttentionCapture)):
+            procs[name] = originals[name]
     model.set_attn_processor(procs)  # type: ignore[operator]
+    hook = getattr(model, "_regionroute_text_hook", None)
+    if hook is not None:
+        hook.remove()
+    for attr in ("_regionroute_originals", "_regionroute_store", "_regionroute_text_hook"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+
+
+def capture_installed(model: nn.Module) -> bool:
+    """Whether any attention processor of ``model`` is a capture processor."""
+    return any(isinstance(p, (FluxAttentionCapture, UNetCrossAttentionCapture)) for p in _processors(model).values())
 
 
 __all__ = [
@@ -314,6 +322,7 @@ __all__ = [
     "AttentionStore",
     "FluxAttentionCapture",
     "UNetCrossAttentionCapture",
+    "capture_installed",
     "register_attention_capture",
     "remove_attention_capture",
 ]

@@ -193,8 +193,7 @@ def run(config: ToyConfig, run_dir: Path) -> dict[str, Any]:
             model, train, config.styles, tc, run_dir=run_dir / name, image_size=(config.image_size,) * 2,
             on_sample=_sample_images(held, config),
         )
-        histories[name] = trainer.train()
-        trainer.moe.release()
+        histories[name] = trainer.train()  # leaves the model unrouted, with its own processors
         for style in config.styles:
             save_expert(model, style, run_dir / name / "experts" / style)
         model.eval()

@@ -29,10 +29,10 @@ from torch import nn
 from klcore.errors import ConfigError, DataError, ShapeError
 from klcore.reduce import GlobalCounts
 from klcore.trainer import Trainer, TrainerConfig
-from regionroute.capture import MODES, AttentionStore, register_attention_capture
+from regionroute.capture import MODES, AttentionStore, register_attention_capture, remove_attention_capture
 from regionroute.data import EditTensors
 from regionroute.losses import AVERAGING, region_attention_loss
-from regionroute.moe import LoraMoE
+from regionroute.moe import LoraMoE, expert_parameters
 
 LAYOUTS = ("flux", "unet")
 PREDICTIONS = ("flow", "epsilon", "v_prediction")
@@ -178,15 +178,18 @@ class RegionRouteTrainer(Trainer):
             raise DataError("the cached dataset is empty")
         self.cfg, self.cache, self.image_size, self.on_sample = config, cache, image_size, on_sample
         self.moe = LoraMoE(model, experts, router=config.train_router, temperature=config.router_temperature)
-        if config.train_router:  # experts frozen; only the gates learn
-            for p in model.parameters():
-                p.requires_grad_(False)
+        if config.train_router:  # only the gates learn (train() freezes the rest while it runs)
             model.add_module("regionroute_router", self.moe.gates)
         self.store = AttentionStore(
             config.capture_mode, chunk_size=config.chunk_size, union_batch_tokens=config.union_batch_tokens
         )
-        self.captured = register_attention_capture(model, self.store, layers=config.capture_layers or None)
-        params = [p for p in model.parameters() if p.requires_grad]
+        self.captured: list[str] = []
+        # the experts (whatever peft's set_adapters left trainable) plus any other parameter the user unfroze
+        self._trained = self.moe.router_parameters() if config.train_router else list(
+            {id(p): p for p in [*(q for e in experts for q in expert_parameters(model, e)),
+                                *(q for q in model.parameters() if q.requires_grad)]}.values()
+        )
+        params = self._trained
         if not params:
             raise ConfigError("no trainable parameter: add style experts (add_style_experts) before training")
         optimizer = torch.optim.AdamW(params, lr=config.trainer.lr, weight_decay=config.trainer.weight_decay)
@@ -197,6 +200,26 @@ class RegionRouteTrainer(Trainer):
 
             self.scheduler_ddpm = DDPMScheduler(num_train_timesteps=1000, prediction_type=config.prediction)
         super().__init__(model, config.trainer, run_dir=run_dir, optimizer=optimizer)
+
+    def train(self) -> list[dict[str, float]]:
+        """klcore's loop with the capture processors and the expert routing installed for its duration only.
+
+        Whether it returns or raises, the model is left as it was found: the original attention processors
+        (the same objects), no hooks of this trainer, peft's adapter state and ``requires_grad`` flags."""
+        model = self.unwrapped_model
+        grads = {n: p.requires_grad for n, p in model.named_parameters()}
+        try:
+            trained = {id(p) for p in self._trained}
+            for p in model.parameters():
+                p.requires_grad_(id(p) in trained)
+            self.captured = register_attention_capture(model, self.store, layers=self.cfg.capture_layers or None)
+            return super().train()
+        finally:
+            self.store.clear_tokens()
+            self.moe.release()
+            remove_attention_capture(model)
+            for n, p in model.named_parameters():
+                p.requires_grad_(grads.get(n, p.requires_grad))
 
     def collect(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         if self.on_sample is not None and self.cfg.sample_every and step % self.cfg.sample_every == 0:
