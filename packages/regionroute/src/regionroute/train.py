@@ -249,6 +249,7 @@ class RegionRouteTrainer(Trainer):
             attn, attn_metrics = region_attention_loss(
                 list(self.store.maps.values()), batch["masks"], batch["token_objects"], tau=cfg.tau, alpha=cfg.alpha,
                 lambda_focus=cfg.lambda_focus, lambda_cover=cfg.lambda_cover, average=cfg.average,
+                grid=self._token_grid(batch),
             )
             loss = loss + attn
             metrics.update(attn_metrics)
@@ -258,6 +259,12 @@ class RegionRouteTrainer(Trainer):
             metrics["router/balance"] = float(balance.detach())
         self.store.clear_tokens()
         return loss, metrics, {}
+
+    def _token_grid(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """The finest attention layer's query grid: Flux's packed grid ``(h/2, w/2)``, the UNet's latent grid."""
+        if self.cfg.layout == "flux":
+            return self.image_size[0] // 2, self.image_size[1] // 2
+        return int(batch["latents"].shape[-2]), int(batch["latents"].shape[-1])
 
     def _flux_forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x0, ctx = batch["latents"], batch["context"]
