@@ -182,3 +182,22 @@ def test_thin_objects_that_vanish_from_the_grid_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         region_attention_loss(maps, masks, torch.tensor([[1, 1]]), grid=(8, 8))  # the pole is not supervised
+
+
+def test_max_normalisation_puts_full_softmax_maps_on_the_reference_scale():
+    g = torch.Generator().manual_seed(2)
+    full = torch.rand(2, 16, 3, generator=g, dtype=torch.float64) / 40  # full-softmax values near 1 / (L + 2N)
+    masks = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+    masks[:, :, 1:3, 1:4] = 1
+    objects = torch.zeros(2, 3, dtype=torch.long)
+    scaled, _ = region_attention_loss([full * 7.0], masks, objects, normalize="max", lambda_cover=1.0)
+    plain, metrics = region_attention_loss([full], masks, objects, normalize="max", lambda_cover=1.0)
+    torch.testing.assert_close(scaled, plain)  # invariant to the maps' scale
+    by_hand, _ = region_attention_loss([full / full.amax(1, keepdim=True)], masks, objects, lambda_cover=1.0)
+    torch.testing.assert_close(plain, by_hand)
+    raw, raw_metrics = region_attention_loss([full], masks, objects, lambda_cover=1.0)
+    # unnormalised, Cover sits at log 2 (softplus(0)) and Focus at the uniform value log(N / |M|)
+    assert abs(raw_metrics["attn/cover"] - math.log(2)) < 0.05 and abs(raw_metrics["attn/focus"] - math.log(16 / 6)) < 0.05
+    assert abs(metrics["attn/cover"] - math.log(2)) > 0.05
+    with pytest.raises(ConfigError):
+        region_attention_loss([full], masks, objects, normalize="sum")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from klcore.errors import ConfigError, DTypeError, MaskError, NonFiniteError, ShapeError
 
 AVERAGING = ("layer", "maps")
+NORMALIZATIONS = ("none", "max")
 
 
 def focus_loss(attention: torch.Tensor, mask: torch.Tensor, *, tau: float = 0.1) -> torch.Tensor:
@@ -149,6 +150,7 @@ def region_attention_loss(
     lambda_cover: float = 5e-5,
     average: str = "layer",
     grid: tuple[int, int] | None = None,
+    normalize: str = "none",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """RegionRoute's attention loss ``lambda_focus * Focus + lambda_cover * Cover``.
 
@@ -161,10 +163,14 @@ def region_attention_loss(
     layer (Flux: the packed latent grid; UNet: the latent grid). With it, masks whose aspect is not the
     grid's (a transposed mask) raise ``ShapeError``; without it the grid is inferred from the masks' aspect,
     which cannot tell a transposed mask on a non-square grid. A supervised object that covers no cell of a
-    layer's grid gives a ``RuntimeWarning``.
+    layer's grid gives a ``RuntimeWarning``. ``normalize="max"`` divides each token's map by its maximum
+    over the image queries before ``tau`` / ``alpha`` act (full-softmax maps are near ``1 / (L + 2N)``,
+    where the reference's ``tau = 0.1``, ``alpha = 2`` see uniform attention); ``"none"`` as the reference.
     """
     if average not in AVERAGING:
         raise ConfigError(f"average must be one of {AVERAGING}, got {average!r}")
+    if normalize not in NORMALIZATIONS:
+        raise ConfigError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     maps = list(maps.unbind(0)) if isinstance(maps, torch.Tensor) else list(maps)
     _check_inputs(maps, masks, token_objects)
     if average == "maps":
@@ -187,6 +193,8 @@ def region_attention_loss(
         warn_vanished(masks, small, token_objects, level)
         per_token = torch.gather(small, 1, obj[:, :, None].expand(-1, -1, small.shape[2]))  # [B, S, N]
         attn = amap.transpose(1, 2)  # [B, S, N]
+        if normalize == "max":
+            attn = attn / attn.amax(-1, keepdim=True).clamp_min(torch.finfo(attn.dtype).tiny)
         f = (focus_loss(attn, per_token, tau=tau) * weights).sum(1)
         c = (cover_loss(attn, per_token, alpha=alpha) * weights).sum(1)
         focus_terms.append(f[has_tokens].mean())
@@ -199,6 +207,7 @@ def region_attention_loss(
 
 __all__ = [
     "AVERAGING",
+    "NORMALIZATIONS",
     "cover_loss",
     "focus_loss",
     "check_mask_aspect",

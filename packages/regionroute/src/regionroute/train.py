@@ -31,7 +31,7 @@ from klcore.reduce import GlobalCounts
 from klcore.trainer import Trainer, TrainerConfig
 from regionroute.capture import MODES, AttentionStore, register_attention_capture, remove_attention_capture
 from regionroute.data import EditTensors
-from regionroute.losses import AVERAGING, region_attention_loss
+from regionroute.losses import AVERAGING, NORMALIZATIONS, region_attention_loss
 from regionroute.moe import LoraMoE, expert_parameters
 
 LAYOUTS = ("flux", "unet")
@@ -52,6 +52,7 @@ class RegionRouteConfig:
     alpha: float = 2.0
     capture_mode: str = "full"
     average: str = "layer"
+    normalize: str = "auto"
     capture_layers: list[str] = field(default_factory=list)
     chunk_size: int = 512
     union_batch_tokens: bool = False
@@ -73,6 +74,8 @@ class RegionRouteConfig:
             raise ConfigError(f"capture_mode must be one of {MODES}, got {self.capture_mode!r}")
         if self.average not in AVERAGING:
             raise ConfigError(f"average must be one of {AVERAGING}, got {self.average!r}")
+        if self.normalize not in ("auto", *NORMALIZATIONS):
+            raise ConfigError(f"normalize must be 'auto' or one of {NORMALIZATIONS}, got {self.normalize!r}")
         if min(self.lambda_focus, self.lambda_cover, self.sample_every) < 0 or self.tau <= 0 or self.alpha <= 0:
             raise ConfigError("need lambda_focus, lambda_cover, sample_every >= 0 and tau, alpha > 0")
         if self.chunk_size < 1:
@@ -81,6 +84,13 @@ class RegionRouteConfig:
             raise ConfigError(f"guidance must be > 0, got {self.guidance}")
         if self.balance_weight < 0 or self.router_temperature <= 0:
             raise ConfigError("need balance_weight >= 0 and router_temperature > 0")
+
+    @property
+    def map_normalization(self) -> str:
+        """``normalize`` with ``"auto"`` resolved: ``"max"`` for full-softmax maps, ``"none"`` for partial."""
+        if self.normalize != "auto":
+            return self.normalize
+        return "max" if self.capture_mode == "full" else "none"
 
     @property
     def attention_losses(self) -> bool:
@@ -249,7 +259,7 @@ class RegionRouteTrainer(Trainer):
             attn, attn_metrics = region_attention_loss(
                 list(self.store.maps.values()), batch["masks"], batch["token_objects"], tau=cfg.tau, alpha=cfg.alpha,
                 lambda_focus=cfg.lambda_focus, lambda_cover=cfg.lambda_cover, average=cfg.average,
-                grid=self._token_grid(batch),
+                grid=self._token_grid(batch), normalize=cfg.map_normalization,
             )
             loss = loss + attn
             metrics.update(attn_metrics)
