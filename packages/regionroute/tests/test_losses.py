@@ -195,7 +195,7 @@ def test_max_normalisation_puts_full_softmax_maps_on_the_reference_scale():
     torch.testing.assert_close(scaled, plain)  # invariant to the maps' scale
     by_hand, _ = region_attention_loss([full / full.amax(1, keepdim=True)], masks, objects, lambda_cover=1.0)
     torch.testing.assert_close(plain, by_hand)
-    raw, raw_metrics = region_attention_loss([full], masks, objects, lambda_cover=1.0)
+    _, raw_metrics = region_attention_loss([full], masks, objects, lambda_cover=1.0)
     # unnormalised, Cover sits at log 2 (softplus(0)) and Focus at the uniform value log(N / |M|)
     assert abs(raw_metrics["attn/cover"] - math.log(2)) < 0.05 and abs(raw_metrics["attn/focus"] - math.log(16 / 6)) < 0.05
     assert abs(metrics["attn/cover"] - math.log(2)) > 0.05

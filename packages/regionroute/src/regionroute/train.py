@@ -167,7 +167,8 @@ def load_cache(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 class RegionRouteTrainer(Trainer):
-    """Trains the LoRA experts of ``model`` (added with ``add_style_experts``) on a cached dataset."""
+    """Trains the LoRA experts of ``model`` (added with ``add_style_experts``) on a cached dataset: a dict of
+    tensors (:func:`cache_flux_inputs`) or a :class:`regionroute.cache.FluxCache` read shard by shard."""
 
     mask_key = "valid"
     progress_keys = ("loss/total", "loss/diffusion", "attn/focus")
@@ -175,7 +176,7 @@ class RegionRouteTrainer(Trainer):
     def __init__(
         self,
         model: nn.Module,
-        cache: dict[str, torch.Tensor],
+        cache: dict[str, torch.Tensor] | Any,
         experts: Sequence[str],
         config: RegionRouteConfig,
         *,
@@ -183,10 +184,11 @@ class RegionRouteTrainer(Trainer):
         image_size: tuple[int, int],
         on_sample: Callable[[RegionRouteTrainer, int], None] | None = None,
     ) -> None:
-        n = cache["latents"].shape[0]
+        n = len(cache) if hasattr(cache, "take") else cache["latents"].shape[0]
         if n == 0:
             raise DataError("the cached dataset is empty")
         self.cfg, self.cache, self.image_size, self.on_sample = config, cache, image_size, on_sample
+        self.size = int(n)
         self.moe = LoraMoE(model, experts, router=config.train_router, temperature=config.router_temperature)
         if config.train_router:  # only the gates learn (train() freezes the rest while it runs)
             model.add_module("regionroute_router", self.moe.gates)
@@ -234,8 +236,9 @@ class RegionRouteTrainer(Trainer):
     def collect(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         if self.on_sample is not None and self.cfg.sample_every and step % self.cfg.sample_every == 0:
             self.on_sample(self, step)
-        idx = torch.randint(self.cache["latents"].shape[0], (self.cfg.batch_size,))
-        batch = {k: v[idx] for k, v in self.cache.items()}
+        idx = torch.randint(self.size, (self.cfg.batch_size,))
+        cache: Any = self.cache
+        batch = cache.take(idx) if hasattr(cache, "take") else {k: v[idx] for k, v in cache.items()}
         batch["valid"] = torch.ones(self.cfg.batch_size, 1)
         return batch, {}
 
