@@ -11,20 +11,30 @@ from klcore.recipes import run_recipe
 TINY_TOY = [
     "image_size=8", "train_examples=4", "eval_examples=2", "heads=2", "head_dim=8", "dual_blocks=1",
     "single_blocks=1", "base_steps=2", "base_batch=2", "sample_steps=2", "train.trainer.steps=2",
-    "train.batch_size=2", "train.trainer.progress=false", "train.sample_every=1",
+    "train.batch_size=2", "train.trainer.progress=false", "train.sample_every=1", "seeds=[0,1]",
 ]
 
 
 def test_toy_recipe_runs_at_tiny_size(tmp_path):
     summary = run_recipe(build_plugin_manager(), "regionroute-toy", out=tmp_path, overrides=TINY_TOY)
+    exp = json.loads((tmp_path / "experiment" / "summary.json").read_text())
     for variant in ("without_attention_losses", "with_attention_losses"):
         assert 0 <= summary[f"{variant}/attention_mask_iou"] <= 1
         assert summary[f"{variant}/background_mse"] >= 0
-        assert (tmp_path / variant / "experts" / "stripes" / "pytorch_lora_weights.safetensors").is_file()
-        assert (tmp_path / variant / "samples" / "step-00000001.png").is_file()
-    for name in ("summary.json", "report.md", "losses.png", "attention_and_edits.png"):
+        stats = exp["variants"][variant]["attention_mask_iou"]
+        assert stats["n"] == 2 and summary[f"{variant}/attention_mask_iou"] == pytest.approx(stats["mean"])
+        assert summary[f"{variant}/attention_mask_iou_ci"] == pytest.approx([stats["ci_low"], stats["ci_high"]])
+        for seed in (0, 1):
+            run = tmp_path / "experiment" / variant / f"seed-{seed}"
+            assert (run / "experts" / "stripes" / "pytorch_lora_weights.safetensors").is_file()
+            assert (run / "samples" / "step-00000001.png").is_file()
+    per_seed = summary["difference/attention_mask_iou_per_seed"]
+    assert len(per_seed) == 2 and summary["difference/attention_mask_iou"] == pytest.approx(sum(per_seed) / 2)
+    for name in ("summary.json", "report.md", "losses.png", "attention_and_edits.png", "experiment/report.md"):
         assert (tmp_path / name).is_file()
     assert json.loads((tmp_path / "summary.json").read_text())["styles"] == ["stripes", "invert"]
+    again = run_recipe(build_plugin_manager(), "regionroute-toy", out=tmp_path, overrides=TINY_TOY)  # resumes: loads
+    assert again["with_attention_losses/attention_mask_iou"] == summary["with_attention_losses/attention_mask_iou"]
 
 
 def test_eval_recipe_demo_and_identity(tmp_path):
