@@ -18,6 +18,7 @@ An experiment on ``klcore.experiments``: for each seed (``seeds``, 3 by default)
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -213,13 +214,13 @@ def run(config: ToyConfig, run_dir: Path) -> dict[str, Any]:
             model, train, config.styles, tc, run_dir=out, image_size=(config.image_size,) * 2,
             on_sample=_sample_images(held, config),
         )
-        history = trainer.train()  # leaves the model unrouted, with its own processors
+        history = trainer.train()  # leaves the model unrouted, with its own processors; also in OUT/metrics.jsonl
         for style in config.styles:
             save_expert(model, style, out / "experts" / style)
         model.eval()
         result = _evaluate(model, LoraMoE(model, config.styles), held, config)
         if seed == config.seeds[0]:
-            shown[variant], histories[variant] = result, history
+            shown[variant] = result
         final: dict[str, float] = {k: history[-1][k] for k in ("attn/focus", "attn/cover", "loss/diffusion") if k in history[-1]}
         return {**{m: result[k] for m, k in zip(METRICS, ("iou", "bg_mse", "object_mse"), strict=True)}, **final}
 
@@ -244,6 +245,10 @@ def run(config: ToyConfig, run_dir: Path) -> dict[str, Any]:
         summary[f"difference/{metric}_ci"] = [iv.low, iv.high]
         summary[f"difference/{metric}_per_seed"] = diffs
     first = config.seeds[0]
+    for name in VARIANTS:  # the first seed's curves, from its log (also when its run was loaded, not rerun)
+        log = run_dir / "experiment" / name / f"seed-{first}" / "metrics.jsonl"
+        if log.is_file():
+            histories[name] = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     held = worlds[first][1] if first in worlds else _world(config, run_dir / f"world-seed-{first}", first)[1]
     chance = float(held["masks"][:, :1].mean())
     summary["chance_iou_approx"] = chance / (2 - chance)
@@ -274,10 +279,11 @@ def _report(run_dir: Path, config: ToyConfig, summary: dict[str, Any], results: 
     panels = [("loss/diffusion", "flow-matching loss"), ("attn/focus", "Focus (KL), training batches"),
               ("attn/cover", "Cover (BCE), training batches")]
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.2))
+    colours = {"without_attention_losses": "tab:blue", "with_attention_losses": "tab:orange"}
     for name, hist in histories.items():
         for a, (key, _) in zip(ax, panels, strict=True):
             if key in hist[0]:
-                a.plot([h[key] for h in hist], label=titles.get(name, name))
+                a.plot([h[key] for h in hist], label=titles.get(name, name), color=colours.get(name))
     for a, (_, title) in zip(ax, panels, strict=True):
         a.set_title(title, fontsize=9)
         a.set_xlabel("expert step", fontsize=8)
