@@ -1,11 +1,15 @@
-"""Attention capture overhead on Flux: forward time with capture (partial, full) vs the default processor,
-and peak memory of full mode with and without query chunking.
+"""Attention capture overhead on Flux: a training step (forward + backward, LoRA experts trainable) and
+a no-grad forward with capture (partial, full fused, full chunked) vs the default processor, and peak
+memory of full mode with and without query chunking.
 
     python benchmarks/attention_capture.py                      # CPU, tiny + medium configs
     python benchmarks/attention_capture.py --device cuda --dtype bf16 --configs medium large
 
 Ratios are against diffusers' default ``FluxAttnProcessor`` measured in the same run (fastest of
-``--repeats`` round-robin forwards after a warm-up). Kontext layout: ``[text | target N | context N]``, the
+``--repeats`` round-robin steps after a warm-up). The training step of the default processor is the
+flow-matching loss only; the capture variants add the Focus/Cover loss of their maps (``full``: the
+logsumexp from the fused attention kernel and one fused backward; ``full-chunked``: the previous second
+score pass in query chunks). Kontext layout: ``[text | target N | context N]``, the
 style tokens are 3 per sample. Memory: CUDA peak allocation, or on CPU the peak RSS of a fresh
 subprocess that runs one full-mode forward (the baseline subtracted is a default-processor forward).
 """
@@ -73,14 +77,58 @@ def timed(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tensor], r
     return {k: min(v) for k, v in times.items()}
 
 
-def arm(model: torch.nn.Module, inputs: dict[str, torch.Tensor], mode: str, n: int, chunk: int):
+def arm(model: torch.nn.Module, inputs: dict[str, torch.Tensor], mode: str, n: int, chunk: int, *, detach: bool = True):
     from regionroute.capture import AttentionStore, register_attention_capture
 
-    store = AttentionStore(mode, chunk_size=chunk, target_tokens=n, detach=True)
+    fused = mode != "full-chunked"
+    store = AttentionStore(mode.removesuffix("-chunked"), chunk_size=chunk, target_tokens=n, detach=detach, fused=fused)
     register_attention_capture(model, store)
     batch = inputs["hidden_states"].shape[0]
     store.set_tokens(torch.tensor([[3, 4, 5]] * batch))
     return store
+
+
+def train_times(name: str, device: str, dtype: torch.dtype, repeats: int, chunk: int) -> dict[str, float]:
+    """Fastest forward + backward per variant (LoRA rank 4 experts trainable, as in expert training)."""
+    from regionroute.losses import region_attention_loss
+    from regionroute.moe import add_style_experts
+
+    modes = ("default", "partial", "full", "full-chunked")
+    models, stores = {}, {}
+    for mode in modes:
+        models[mode], inputs, n = build(name, device, dtype)
+        add_style_experts(models[mode], ["style"])
+        if mode != "default":
+            stores[mode] = arm(models[mode], inputs, mode, n, chunk, detach=False)
+    side = int(n**0.5)
+    batch = inputs["hidden_states"].shape[0]
+    masks = torch.zeros(batch, 1, side, side, device=device)
+    masks[..., side // 4 : side // 2, side // 3 : side - 2] = 1
+    objects = torch.zeros(batch, 3, dtype=torch.long, device=device)
+    target = torch.randn_like(inputs["hidden_states"])
+    times: dict[str, list[float]] = {k: [] for k in modes}
+    for i in range(repeats + 1):
+        for mode in modes:
+            model = models[mode]
+            model.zero_grad(set_to_none=True)
+            _sync(device)
+            start = time.perf_counter()
+            out = model(**inputs).sample
+            loss = torch.nn.functional.mse_loss(out.float(), target.float())
+            if mode != "default":
+                attn, _ = region_attention_loss(list(stores[mode].maps.values()), masks, objects, grid=(side, side),
+                                                normalize="max" if mode.startswith("full") else "none")
+                loss = loss + attn
+            loss.backward()
+            _sync(device)
+            if i:
+                times[mode].append(time.perf_counter() - start)
+    return {k: min(v) for k, v in times.items()}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def memory_child(name: str, mode: str, chunk: int) -> None:
@@ -118,37 +166,40 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     print(f"device={args.device} dtype={args.dtype} threads={args.threads} repeats={args.repeats} (fastest forward)")
     for name in args.configs:
+        tt = train_times(name, args.device, dtype, args.repeats, args.chunk)
+        print(
+            f"[{name}] train step (fwd+bwd) default {tt['default'] * 1e3:.1f} ms | "
+            + " | ".join(f"{m} {tt[m] * 1e3:.1f} ms (x{tt[m] / tt['default']:.3f})" for m in ("partial", "full", "full-chunked"))
+        )
         models = {}
-        for mode in ("default", "partial", "full"):
+        for mode in ("default", "partial", "full", "full-chunked"):
             models[mode], inputs, n = build(name, args.device, dtype)
             if mode != "default":
                 arm(models[mode], inputs, mode, n, args.chunk)
         t = timed(models, inputs, args.repeats, args.device)
         del models
         print(
-            f"[{name}] N={n} default {t['default'] * 1e3:.1f} ms | partial {t['partial'] * 1e3:.1f} ms "
-            f"(x{t['partial'] / t['default']:.3f}) | full chunk={args.chunk} {t['full'] * 1e3:.1f} ms "
-            f"(x{t['full'] / t['default']:.3f})"
+            f"[{name}] N={n} forward (no grad) default {t['default'] * 1e3:.1f} ms | "
+            + " | ".join(f"{m} {t[m] * 1e3:.1f} ms (x{t[m] / t['default']:.3f})" for m in ("partial", "full", "full-chunked"))
         )
+        variants = (("default", "default", 0), ("fused", "full", args.chunk), ("chunked", "full-chunked", args.chunk),
+                    ("unchunked", "full-chunked", 10**9))
         if args.device == "cuda":
             peaks = {}
-            for label, chunk in (("default", 0), ("chunked", args.chunk), ("unchunked", 10**9)):
+            for label, mode, chunk in variants:
                 m, _, _ = build(name, args.device, dtype)
-                if chunk:
-                    arm(m, inputs, "full", n, chunk)
+                if mode != "default":
+                    arm(m, inputs, mode, n, chunk)
                 torch.cuda.reset_peak_memory_stats()
                 with torch.no_grad():
                     m(**inputs)
                 peaks[label] = torch.cuda.max_memory_allocated() / 2**20
                 del m
         else:
-            peaks = {"default": cpu_peak(name, "default", 0), "chunked": cpu_peak(name, "full", args.chunk),
-                     "unchunked": cpu_peak(name, "full", 10**9)}
-        extra_c, extra_u = peaks["chunked"] - peaks["default"], peaks["unchunked"] - peaks["default"]
+            peaks = {label: cpu_peak(name, mode, chunk) for label, mode, chunk in variants}
         print(
-            f"[{name}] peak memory MiB: default {peaks['default']:.1f} | full chunked {peaks['chunked']:.1f} "
-            f"(+{extra_c:.1f}) | full unchunked {peaks['unchunked']:.1f} (+{extra_u:.1f}) | "
-            f"unchunked/chunked total x{peaks['unchunked'] / peaks['chunked']:.3f}"
+            f"[{name}] peak forward memory MiB: default {peaks['default']:.1f} | "
+            + " | ".join(f"full {k} {peaks[k]:.1f} (+{peaks[k] - peaks['default']:.1f})" for k in ("fused", "chunked", "unchunked"))
         )
 
 

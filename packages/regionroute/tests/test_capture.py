@@ -73,11 +73,12 @@ def test_partial_rows_sum_to_one_over_each_samples_tokens():
         assert amap.min() >= 0
 
 
-def test_full_mode_equals_brute_force_softmax_over_all_keys():
+@pytest.mark.parametrize("fused", [True, False])
+def test_full_mode_equals_brute_force_softmax_over_all_keys(fused):
     inputs = flux_inputs(text_tokens=12)
     brute = brute_flux_probs(tiny_flux(), inputs)
     model = tiny_flux()
-    store = AttentionStore("full", chunk_size=3)
+    store = AttentionStore("full", chunk_size=3, fused=fused)
     register_attention_capture(model, store)
     store.set_tokens(TOKENS, VALID)
     with torch.no_grad():
@@ -200,3 +201,41 @@ def test_bad_inputs_raise_klcore_errors():
         register_attention_capture(torch.nn.Linear(2, 2), AttentionStore())
     with pytest.raises(ShapeError):
         AttentionStore().set_tokens(torch.tensor([1, 2]))
+
+
+def test_fused_full_mode_gives_the_outputs_and_gradients_of_the_chunked_path():
+    inputs = flux_inputs()
+    weights = torch.randn(2, 16, 3, generator=torch.Generator().manual_seed(5))
+    results = {}
+    for fused in (True, False):
+        model = tiny_flux()
+        store = AttentionStore("full", chunk_size=4, fused=fused)
+        register_attention_capture(model, store)
+        store.set_tokens(TOKENS, VALID)
+        out = model(**inputs).sample
+        loss = out.square().mean() + sum((m * weights).sum() for m in store.maps.values())
+        loss.backward()
+        results[fused] = (out.detach(), store.stacked().detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (out_f, maps_f, grads_f), (out_c, maps_c, grads_c) = results[True], results[False]
+    torch.testing.assert_close(out_f, out_c, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(maps_f, maps_c, atol=1e-7, rtol=1e-5)
+    assert grads_f.keys() == grads_c.keys() and len(grads_f) > 10
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_c[name], atol=2e-6, rtol=1e-4)
+
+
+def test_attention_with_logsumexp_gradients_equal_dense_autograd():
+    from regionroute._lse import attention_with_logsumexp
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g, dtype=torch.float64, requires_grad=True) for n in (10, 12, 12))
+    go, gl = torch.randn(2, 3, 10, 16, generator=g, dtype=torch.float64), torch.randn(2, 3, 10, generator=g, dtype=torch.float64)
+    out, lse = attention_with_logsumexp(q, k, v, 0.3)
+    got = torch.autograd.grad((out * go).sum() + (lse * gl).sum(), (q, k, v))
+    s = q @ k.transpose(-1, -2) * 0.3
+    dense_out, dense_lse = s.softmax(-1) @ v, s.logsumexp(-1)
+    torch.testing.assert_close(out, dense_out)
+    torch.testing.assert_close(lse, dense_lse)
+    expected = torch.autograd.grad((dense_out * go).sum() + (dense_lse * gl).sum(), (q, k, v))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)

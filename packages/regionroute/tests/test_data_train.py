@@ -16,7 +16,9 @@ from klcore.trainer import TrainerConfig
 
 
 def test_word_token_indices_contiguous_match():
-    assert word_token_indices([5, 7, 9, 7, 9, 1], [7, 9]) == [1, 2]
+    assert word_token_indices([5, 7, 9, 7, 9, 1], [7, 9]) == [1, 2, 3, 4]  # every occurrence
+    assert word_token_indices([5, 7, 9, 7, 9, 1], [7, 9], first_only=True) == [1, 2]  # the reference's
+    assert word_token_indices([7, 7, 7], [7, 7]) == [0, 1]  # non-overlapping
     with pytest.raises(DataError):
         word_token_indices([5, 7, 1], [9])
     tok = WordTokenizer()
@@ -188,3 +190,40 @@ def test_guidance_distilled_transformer_trains_with_embedded_guidance(tmp_path):
     assert plain.guidance is None  # other transformers get no guidance input
     with pytest.raises(ConfigError, match="guidance"):
         RegionRouteConfig(guidance=0.0)
+
+
+def test_a_style_word_appearing_twice_supervises_every_occurrence(tmp_path):
+    path = make_toy_dataset(tmp_path / "data", n=2, size=8, styles=["stripes", "invert"], seed=0)
+    records = load_records(path)
+    records[0].prompt = "make the circle in stripes style , keep the stripes"
+    tok = WordTokenizer()
+    words = records[0].prompt.split()
+    assert style_token_indices(tok.encode, records[0].prompt, "stripes") == [4, 9] == [i for i, w in enumerate(words) if w == "stripes"]
+    assert style_token_indices(tok.encode, records[0].prompt, "stripes", first_only=True) == [4]
+    data = build_tensors(records, tok.encode, ["stripes", "invert"])
+    assert data.token_indices[0].tolist() == [4, 9] and data.token_objects[0].tolist() == [0, 0]
+    assert data.token_objects[1].tolist()[1] == -1  # the other record pads its single token
+
+
+def test_trainer_refuses_transposed_masks_on_a_non_square_grid(tmp_path):
+    model = tiny_unet()
+    add_style_experts(model, ["a", "b"], style_lora_config())
+    g = torch.Generator().manual_seed(0)
+
+    def cache(masks):
+        return {
+            "latents": torch.randn(2, 4, 8, 12, generator=g), "context": torch.randn(2, 4, 8, 12, generator=g),
+            "text": torch.randn(2, 5, 8, generator=g), "pooled": torch.randn(2, 8, generator=g), "masks": masks,
+            "token_indices": torch.tensor([[1], [2]]), "token_objects": torch.zeros(2, 1, dtype=torch.long),
+            "experts": torch.tensor([0, 1]),
+        }
+
+    masks = torch.zeros(2, 1, 16, 24)
+    masks[..., 4:12, 6:18] = 1
+    cfg = RegionRouteConfig(trainer=TrainerConfig(steps=1, progress=False), layout="unet", prediction="epsilon", batch_size=2)
+    history = RegionRouteTrainer(model, cache(masks), ["a", "b"], cfg, run_dir=tmp_path / "ok", image_size=(8, 12)).train()
+    assert history[0]["attn/focus"] > 0
+    transposed = masks.transpose(2, 3).contiguous()  # 24 x 16: 96 cells at 8 x 12 too
+    trainer = RegionRouteTrainer(model, cache(transposed), ["a", "b"], cfg, run_dir=tmp_path / "t", image_size=(8, 12))
+    with pytest.raises(ShapeError, match="transposed"):
+        trainer.train()

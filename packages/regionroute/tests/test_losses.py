@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from regionroute.losses import cover_loss, focus_loss, region_attention_loss
+from regionroute.losses import cover_loss, focus_loss, layer_grid, region_attention_loss
 
 from klcore.errors import ConfigError, MaskError, ShapeError
 
@@ -143,3 +143,61 @@ def test_region_loss_rejects_non_finite_maps():
     amap[0, 3, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="NaN"):
         region_attention_loss([amap], masks, torch.tensor([[0]]))
+
+
+def test_transposed_masks_are_refused_on_a_non_square_grid():
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.rand(1, 32, 1, generator=g)]  # an 8 x 4 token grid (tall image)
+    tall = torch.zeros(1, 1, 32, 16)
+    tall[..., 4:20, 2:10] = 1
+    objects = torch.zeros(1, 1, dtype=torch.long)
+    loss, _ = region_attention_loss(maps, tall, objects, grid=(8, 4))
+    inferred, _ = region_attention_loss(maps, tall, objects)
+    torch.testing.assert_close(loss, inferred)
+    wide = tall.transpose(2, 3).contiguous()  # the same mask transposed: 16 x 32, also 32 cells on a 4 x 8 grid
+    region_attention_loss(maps, wide, objects)  # without the grid this cannot be told apart
+    with pytest.raises(ShapeError, match="transposed"):
+        region_attention_loss(maps, wide, objects, grid=(8, 4))
+    with pytest.raises(ShapeError, match="aspects differ"):
+        region_attention_loss(maps, torch.ones(1, 1, 32, 32), objects, grid=(8, 4))
+
+
+def test_layer_grids_follow_unet_downsampling():
+    assert layer_grid(96, (8, 12)) == (8, 12) and layer_grid(24, (8, 12)) == (4, 6) and layer_grid(6, (8, 12)) == (2, 3)
+    assert layer_grid(4, (3, 3)) == (2, 2)  # rounding up at an odd size
+    with pytest.raises(ShapeError):
+        layer_grid(7, (8, 12))
+
+
+def test_thin_objects_that_vanish_from_the_grid_warn():
+    maps = [torch.rand(1, 64, 2)]  # 8 x 8 grid
+    masks = torch.zeros(1, 2, 64, 64)
+    masks[0, 0, 8:56, 30:32] = 1  # a 2-px pole: nearest resize to 8 x 8 samples columns 4, 12, ..., 60
+    masks[0, 1, 10:40, 10:40] = 1
+    objects = torch.tensor([[0, 1]])
+    with pytest.warns(RuntimeWarning, match=r"1 object mask\(s\) \(sample, object\) \[\(0, 0\)\]"):
+        region_attention_loss(maps, masks, objects, grid=(8, 8))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        region_attention_loss(maps, masks, torch.tensor([[1, 1]]), grid=(8, 8))  # the pole is not supervised
+
+
+def test_max_normalisation_puts_full_softmax_maps_on_the_reference_scale():
+    g = torch.Generator().manual_seed(2)
+    full = torch.rand(2, 16, 3, generator=g, dtype=torch.float64) / 40  # full-softmax values near 1 / (L + 2N)
+    masks = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+    masks[:, :, 1:3, 1:4] = 1
+    objects = torch.zeros(2, 3, dtype=torch.long)
+    scaled, _ = region_attention_loss([full * 7.0], masks, objects, normalize="max", lambda_cover=1.0)
+    plain, metrics = region_attention_loss([full], masks, objects, normalize="max", lambda_cover=1.0)
+    torch.testing.assert_close(scaled, plain)  # invariant to the maps' scale
+    by_hand, _ = region_attention_loss([full / full.amax(1, keepdim=True)], masks, objects, lambda_cover=1.0)
+    torch.testing.assert_close(plain, by_hand)
+    _, raw_metrics = region_attention_loss([full], masks, objects, lambda_cover=1.0)
+    # unnormalised, Cover sits at log 2 (softplus(0)) and Focus at the uniform value log(N / |M|)
+    assert abs(raw_metrics["attn/cover"] - math.log(2)) < 0.05 and abs(raw_metrics["attn/focus"] - math.log(16 / 6)) < 0.05
+    assert abs(metrics["attn/cover"] - math.log(2)) > 0.05
+    with pytest.raises(ConfigError):
+        region_attention_loss([full], masks, objects, normalize="sum")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from klcore.errors import ConfigError, DTypeError, ShapeError, UnsupportedModelError
-from regionroute._lse import chunked_logsumexp
+from regionroute._lse import attention_with_logsumexp, chunked_logsumexp, fused_attention_available
 
 MODES = ("partial", "full")
 
@@ -46,6 +46,7 @@ class AttentionStore:
         target_tokens: int | None = None,
         union_batch_tokens: bool = False,
         detach: bool = False,
+        fused: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
@@ -54,7 +55,7 @@ class AttentionStore:
         if target_tokens is not None and target_tokens < 1:
             raise ConfigError(f"target_tokens must be None (all image tokens) or >= 1, got {target_tokens}")
         self.mode, self.chunk_size, self.target_tokens = mode, chunk_size, target_tokens
-        self.union_batch_tokens, self.detach = union_batch_tokens, detach
+        self.union_batch_tokens, self.detach, self.fused = union_batch_tokens, detach, fused
         self.indices: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
         self.text_len: int | None = None
@@ -92,8 +93,13 @@ class AttentionStore:
             raise ShapeError(f"maps have different shapes {sorted(shapes)}; stack one resolution at a time")
         return torch.stack([self.maps[k] for k in keys])
 
-    def record(self, name: str, query: torch.Tensor, key: torch.Tensor, scale: float, text_len: int) -> None:
-        """Record ``[B, N, S]`` from ``query [B, N, H, D]`` (image queries) and ``key [B, Lk, H, D]``."""
+    def record(
+        self, name: str, query: torch.Tensor, key: torch.Tensor, scale: float, text_len: int,
+        lse: torch.Tensor | None = None,
+    ) -> None:
+        """Record ``[B, N, S]`` from ``query [B, N, H, D]`` (image queries) and ``key [B, Lk, H, D]``;
+        full mode takes the queries' logsumexp ``lse [B, H, N]`` when the caller has it (from the fused
+        attention kernel), else computes it in query chunks."""
         if self.indices is None or self.valid is None:
             raise ShapeError(f"layer {name}: no tokens selected; call set_tokens before the forward pass")
         indices, valid = self.indices.to(key.device), self.valid.to(key.device)
@@ -114,8 +120,9 @@ class AttentionStore:
             probs = scores.masked_fill(~col_valid[:, None, None, :], float("-inf")).softmax(-1)
             probs = probs.nan_to_num(0.0)  # a sample without selected tokens
         else:
-            lse = chunked_logsumexp(q, key.transpose(1, 2), scale, self.chunk_size)
-            probs = torch.exp(scores - lse[..., None])
+            if lse is None:
+                lse = chunked_logsumexp(q, key.transpose(1, 2), scale, self.chunk_size)
+            probs = torch.exp(scores - lse.float()[..., None])
         amap = probs.mean(1)
         if self.union_batch_tokens:
             pos = torch.searchsorted(union, indices.clamp_min(0))
@@ -159,13 +166,23 @@ class FluxAttentionCapture:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type]
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type]
 
-        if self.store.armed:
-            self._record(query, key, encoder_hidden_states, attention_mask)
-
-        out = dispatch_attention_fn(
-            query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
-            parallel_config=self._parallel_config,
+        store = self.store
+        fused = (
+            store.armed and store.mode == "full" and store.fused and fused_attention_available(query, attention_mask)
+            and self._attention_backend is None and self._parallel_config is None
         )
+        if fused:  # one kernel gives the output and the logsumexp the full-mode maps need
+            scale = 1.0 / math.sqrt(query.shape[-1])
+            out, lse = attention_with_logsumexp(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale)
+            self._record(query, key, encoder_hidden_states, attention_mask, lse)
+            out = out.transpose(1, 2)
+        else:
+            if store.armed:
+                self._record(query, key, encoder_hidden_states, attention_mask)
+            out = dispatch_attention_fn(
+                query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
         out = out.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return out
@@ -174,7 +191,8 @@ class FluxAttentionCapture:
         return out, attn.to_add_out(enc_out.contiguous())
 
     def _record(
-        self, query: torch.Tensor, key: torch.Tensor, encoder_hidden_states: torch.Tensor | None, mask: torch.Tensor | None
+        self, query: torch.Tensor, key: torch.Tensor, encoder_hidden_states: torch.Tensor | None, mask: torch.Tensor | None,
+        lse: torch.Tensor | None = None,
     ) -> None:
         store = self.store
         text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else store.text_len
@@ -189,7 +207,8 @@ class FluxAttentionCapture:
         n = n_img if store.target_tokens is None else store.target_tokens
         if n > n_img:
             raise ShapeError(f"target_tokens = {n} but the block has only {n_img} image tokens")
-        store.record(self.name, query[:, text_len : text_len + n], key, 1.0 / math.sqrt(query.shape[-1]), text_len)
+        lse = None if lse is None else lse[:, :, text_len : text_len + n]
+        store.record(self.name, query[:, text_len : text_len + n], key, 1.0 / math.sqrt(query.shape[-1]), text_len, lse)
 
 
 class UNetCrossAttentionCapture:
@@ -274,39 +293,47 @@ def register_attention_capture(
             f"attention capture supports FluxTransformer2DModel and UNet2DConditionModel, got {kind}"
         )
     procs = _processors(model)
-    if kind == "FluxTransformer2DModel":
-        chosen = _selected([n for n in procs], layers)
-        for name in chosen:
-            procs[name] = FluxAttentionCapture(store, name)
-
-        model._regionroute_store = store  # type: ignore[assignment]
-        if not getattr(model, "_regionroute_text_hook", False):
-            model.register_forward_pre_hook(_remember_text_len, with_kwargs=True)
-            model._regionroute_text_hook = True  # type: ignore[assignment]
-    else:
-        chosen = _selected([n for n in procs if ".attn2." in n], layers)
-        for name in chosen:
-            inner = procs[name]
-            if isinstance(inner, UNetCrossAttentionCapture):
-                inner = inner.inner
-            procs[name] = UNetCrossAttentionCapture(store, name, inner)
+    originals: dict[str, Any] = getattr(model, "_regionroute_originals", {})
+    flux = kind == "FluxTransformer2DModel"
+    chosen = _selected([n for n in procs if flux or ".attn2." in n], layers)
     if not chosen:
         raise ConfigError(f"layers={layers!r} selects no attention layer of {kind}; names look like {next(iter(procs))!r}")
+    for name in chosen:
+        inner = procs[name]
+        if isinstance(inner, (FluxAttentionCapture, UNetCrossAttentionCapture)):
+            inner = originals[name]  # already captured: wrap the processor found before the first capture
+        else:
+            originals[name] = inner
+        procs[name] = FluxAttentionCapture(store, name) if flux else UNetCrossAttentionCapture(store, name, inner)
     model.set_attn_processor(procs)  # type: ignore[operator]
+    model._regionroute_originals = originals  # type: ignore[assignment]
+    if flux:
+        model._regionroute_store = store  # type: ignore[assignment]
+        if getattr(model, "_regionroute_text_hook", None) is None:
+            model._regionroute_text_hook = model.register_forward_pre_hook(_remember_text_len, with_kwargs=True)  # type: ignore[assignment]
     return chosen
 
 
 def remove_attention_capture(model: nn.Module) -> None:
-    """Put back the default processors (Flux) or the wrapped ones (UNet)."""
+    """Put back the processors that :func:`register_attention_capture` replaced (the very objects) and
+    remove the text-length hook; the model is then as it was before the first capture."""
+    originals: dict[str, Any] = getattr(model, "_regionroute_originals", {})
     procs = _processors(model)
     for name, proc in procs.items():
-        if isinstance(proc, FluxAttentionCapture):
-            from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
-            procs[name] = FluxAttnProcessor()
-        elif isinstance(proc, UNetCrossAttentionCapture):
-            procs[name] = proc.inner
+        if isinstance(proc, (FluxAttentionCapture, UNetCrossAttentionCapture)):
+            procs[name] = originals[name]
     model.set_attn_processor(procs)  # type: ignore[operator]
+    hook = getattr(model, "_regionroute_text_hook", None)
+    if hook is not None:
+        hook.remove()
+    for attr in ("_regionroute_originals", "_regionroute_store", "_regionroute_text_hook"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+
+
+def capture_installed(model: nn.Module) -> bool:
+    """Whether any attention processor of ``model`` is a capture processor."""
+    return any(isinstance(p, (FluxAttentionCapture, UNetCrossAttentionCapture)) for p in _processors(model).values())
 
 
 __all__ = [
@@ -314,6 +341,7 @@ __all__ = [
     "AttentionStore",
     "FluxAttentionCapture",
     "UNetCrossAttentionCapture",
+    "capture_installed",
     "register_attention_capture",
     "remove_attention_capture",
 ]

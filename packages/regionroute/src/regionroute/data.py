@@ -24,28 +24,40 @@ import torch
 from klcore.errors import DataError, ShapeError
 
 
-def word_token_indices(prompt_ids: Sequence[int], word_ids: Sequence[int]) -> list[int]:
-    """0-based positions of the first contiguous occurrence of ``word_ids`` in ``prompt_ids``."""
+def word_token_indices(prompt_ids: Sequence[int], word_ids: Sequence[int], *, first_only: bool = False) -> list[int]:
+    """0-based positions of every (non-overlapping, left to right) contiguous occurrence of ``word_ids`` in
+    ``prompt_ids``; ``first_only=True`` keeps the first occurrence only (the reference's ``get_word_idx``)."""
     n, k = len(prompt_ids), len(word_ids)
     if k == 0:
         raise DataError("the word encodes to no tokens")
-    for start in range(n - k + 1):
+    found: list[int] = []
+    start = 0
+    while start <= n - k:
         if list(prompt_ids[start : start + k]) == list(word_ids):
-            return list(range(start, start + k))
-    raise DataError(f"word ids {list(word_ids)} do not occur in the prompt ids {list(prompt_ids)}; put the style word in the prompt")
+            found += range(start, start + k)
+            if first_only:
+                break
+            start += k
+        else:
+            start += 1
+    if not found:
+        raise DataError(f"word ids {list(word_ids)} do not occur in the prompt ids {list(prompt_ids)}; put the style word in the prompt")
+    return found
 
 
 def style_token_indices(
-    encode: Callable[[str], Sequence[int]], prompt: str, word: str, *, lowercase: bool = False
+    encode: Callable[[str], Sequence[int]], prompt: str, word: str, *, lowercase: bool = False, first_only: bool = False
 ) -> list[int]:
-    """Positions of ``word``'s tokens in ``encode(prompt)``; ``encode`` adds no special tokens at the
+    """Positions of ``word``'s tokens in ``encode(prompt)``, every occurrence (``first_only=True``: the
+    first, as the reference); ``encode`` adds no special tokens at the
     start (T5's ``tokenizer.encode`` qualifies; for CLIP pass ``lambda t: tok.encode(t)[1:]`` and add 1).
     ``lowercase=True`` reproduces the reference (which lowercases, though T5 is case-sensitive)."""
     if lowercase:
         prompt, word = prompt.lower(), word.lower()
     if word not in prompt:
         raise DataError(f"style word {word!r} is not in the prompt {prompt!r}")
-    return word_token_indices(list(encode(prompt)), _strip_eos(list(encode(word)), list(encode(""))))
+    word_ids = _strip_eos(list(encode(word)), list(encode("")))
+    return word_token_indices(list(encode(prompt)), word_ids, first_only=first_only)
 
 
 def _strip_eos(word_ids: list[int], empty_ids: list[int]) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from klcore.errors import ConfigError, DTypeError, MaskError, NonFiniteError, ShapeError
 
 AVERAGING = ("layer", "maps")
+NORMALIZATIONS = ("none", "max")
 
 
 def focus_loss(attention: torch.Tensor, mask: torch.Tensor, *, tau: float = 0.1) -> torch.Tensor:
@@ -55,6 +57,49 @@ def grid_for(num_queries: int, height: int, width: int) -> tuple[int, int]:
             "pass masks with the image's aspect ratio"
         )
     return grid
+
+
+def layer_grid(num_queries: int, grid: tuple[int, int]) -> tuple[int, int]:
+    """The grid of a layer with ``num_queries`` queries when the finest layer's grid is ``grid`` (UNet
+    levels halve it, rounding down or up)."""
+    h, w = grid
+    for k in range(16):
+        f = 2**k
+        for cand in ((h // f, w // f), (-(-h // f), -(-w // f))):
+            if cand[0] * cand[1] == num_queries:
+                return cand
+    raise ShapeError(f"a layer has {num_queries} image queries, which is no downsampling of the {h}x{w} token grid")
+
+
+def check_mask_aspect(mask_hw: tuple[int, int], grid: tuple[int, int]) -> None:
+    """Masks must have the token grid's aspect: the grid their aspect implies for ``h * w`` queries must be
+    ``grid``; a transposed mask on a non-square grid raises ``ShapeError``."""
+    try:
+        implied: tuple[int, int] | None = grid_for(grid[0] * grid[1], *mask_hw)
+    except ShapeError:
+        implied = None
+    if implied != tuple(grid):
+        hint = " (transposed? masks are [B, O, H, W])" if implied == (grid[1], grid[0]) else ""
+        raise ShapeError(f"masks are {mask_hw[0]}x{mask_hw[1]} but the token grid is {grid[0]}x{grid[1]}: the aspects differ{hint}")
+
+
+def warn_vanished(masks: torch.Tensor, small: torch.Tensor, token_objects: torch.Tensor, grid: tuple[int, int]) -> None:
+    """Warn when a supervised object's mask is non-empty at full size but covers no cell of ``grid``."""
+    full = masks.flatten(2).amax(-1) > 0  # [B, O]
+    lost = full & (small.amax(-1) == 0)
+    used = torch.zeros_like(full)
+    for b in range(token_objects.shape[0]):
+        used[b, token_objects[b][token_objects[b] >= 0]] = True
+    lost &= used
+    if lost.any():
+        pairs = [tuple(map(int, p)) for p in lost.nonzero()[:4]]
+        warnings.warn(
+            f"{int(lost.sum())} object mask(s) (sample, object) {pairs}{'...' if lost.sum() > 4 else ''} cover no cell "
+            f"of the {grid[0]}x{grid[1]} token grid after the nearest resize (objects thinner than a cell vanish): "
+            "their Focus target becomes uniform and Cover asks for no attention; dilate thin masks or drop them",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _check_inputs(maps: Sequence[torch.Tensor], masks: torch.Tensor, token_objects: torch.Tensor) -> None:
@@ -104,6 +149,8 @@ def region_attention_loss(
     lambda_focus: float = 0.1,
     lambda_cover: float = 5e-5,
     average: str = "layer",
+    grid: tuple[int, int] | None = None,
+    normalize: str = "none",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """RegionRoute's attention loss ``lambda_focus * Focus + lambda_cover * Cover``.
 
@@ -112,10 +159,18 @@ def region_attention_loss(
     column (``-1`` for padding). Each token's loss uses its own sample's mask of its object; tokens,
     then objects, then samples (those with tokens), then layers are averaged. ``average="maps"``
     averages the maps over layers first (the paper's order; needs one N), ``"layer"`` (the
-    reference code's order) takes the loss per layer.
+    reference code's order) takes the loss per layer. ``grid``: the ``(h, w)`` token grid of the finest
+    layer (Flux: the packed latent grid; UNet: the latent grid). With it, masks whose aspect is not the
+    grid's (a transposed mask) raise ``ShapeError``; without it the grid is inferred from the masks' aspect,
+    which cannot tell a transposed mask on a non-square grid. A supervised object that covers no cell of a
+    layer's grid gives a ``RuntimeWarning``. ``normalize="max"`` divides each token's map by its maximum
+    over the image queries before ``tau`` / ``alpha`` act (full-softmax maps are near ``1 / (L + 2N)``,
+    where the reference's ``tau = 0.1``, ``alpha = 2`` see uniform attention); ``"none"`` as the reference.
     """
     if average not in AVERAGING:
         raise ConfigError(f"average must be one of {AVERAGING}, got {average!r}")
+    if normalize not in NORMALIZATIONS:
+        raise ConfigError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     maps = list(maps.unbind(0)) if isinstance(maps, torch.Tensor) else list(maps)
     _check_inputs(maps, masks, token_objects)
     if average == "maps":
@@ -127,11 +182,19 @@ def region_attention_loss(
         raise MaskError("no sample has a selected token: every token_objects entry is -1")
     obj = token_objects.clamp_min(0)
     focus_terms, cover_terms = [], []
+    if grid is not None:
+        check_mask_aspect((masks.shape[2], masks.shape[3]), grid)
     for amap in maps:
-        grid = grid_for(amap.shape[1], masks.shape[2], masks.shape[3])
-        small = masks_on_grid(masks, grid)  # [B, O, N]
+        if grid is None:
+            level = grid_for(amap.shape[1], masks.shape[2], masks.shape[3])
+        else:
+            level = layer_grid(amap.shape[1], grid)
+        small = masks_on_grid(masks, level)  # [B, O, N]
+        warn_vanished(masks, small, token_objects, level)
         per_token = torch.gather(small, 1, obj[:, :, None].expand(-1, -1, small.shape[2]))  # [B, S, N]
         attn = amap.transpose(1, 2)  # [B, S, N]
+        if normalize == "max":
+            attn = attn / attn.amax(-1, keepdim=True).clamp_min(torch.finfo(attn.dtype).tiny)
         f = (focus_loss(attn, per_token, tau=tau) * weights).sum(1)
         c = (cover_loss(attn, per_token, alpha=alpha) * weights).sum(1)
         focus_terms.append(f[has_tokens].mean())
@@ -144,10 +207,14 @@ def region_attention_loss(
 
 __all__ = [
     "AVERAGING",
+    "NORMALIZATIONS",
     "cover_loss",
     "focus_loss",
+    "check_mask_aspect",
     "grid_for",
+    "layer_grid",
     "masks_on_grid",
     "region_attention_loss",
     "token_weights",
+    "warn_vanished",
 ]

@@ -4,8 +4,8 @@ Images are ``[B, C, H, W]`` in [0, 1]; ``mask [B, 1, H, W]`` is 1 on the edited 
 background is ``1 - M``. Every background metric ignores what happens inside the mask:
 
 * MSE_bg ``= sum B (x - y)^2 / (C sum B)``, PSNR_bg ``= 10 log10(1 / MSE_bg)`` (inf when equal);
-* SSIM_bg: the mean of the SSIM map (Gaussian window 11, sigma 1.5) over background pixels whose
-  whole window lies in the background;
+* SSIM_bg: torchmetrics' SSIM map (Gaussian window 11, sigma 1.5, reflect padding) of the
+  background-only images ``(x * B, y * B)``, averaged with weights ``B``;
 * LPIPS_bg: LPIPS on ``(x * B, y * B)`` (PIE-Bench's protocol) with a backbone whose weights the
   user supplies (:func:`alexnet_lpips`);
 * RSM ``= (1 + cos(f_img(crop_bbox(x * M)), f_text(style))) / 2`` with a transformers ``CLIPModel``.
@@ -64,34 +64,42 @@ def _gaussian_window(size: int, sigma: float, channels: int, device: torch.devic
 
 
 def ssim_map(pred: torch.Tensor, ref: torch.Tensor, *, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """SSIM map (data range 1, K1 = 0.01, K2 = 0.03) on the valid region, channel mean: ``[B, H-w+1, W-w+1]``.
+    """SSIM map ``[B, H, W]`` (channel mean; data range 1, K1 = 0.01, K2 = 0.03, Gaussian window) as
+    torchmetrics computes it: reflect padding by ``window // 2``, variances clamped at 0. Its mean over
+    all pixels is torchmetrics' ``structural_similarity_index_measure(data_range=1.0)``.
 
     Float32 (float64 inputs stay float64)."""
+    if window % 2 == 0 or min(pred.shape[2:]) <= window // 2:
+        raise ShapeError(f"need an odd window smaller than twice the image side, got {window} for {tuple(pred.shape[2:])}")
     c1, c2 = 0.01**2, 0.03**2
     dtype = torch.promote_types(pred.dtype, torch.float32)
-    x, y = pred.to(dtype), ref.to(dtype)
+    pad = window // 2
+    x, y = (F.pad(t.to(dtype), (pad, pad, pad, pad), mode="reflect") for t in (pred, ref))
     k = _gaussian_window(window, sigma, x.shape[1], x.device, dtype)
 
     def blur(t: torch.Tensor) -> torch.Tensor:
         return F.conv2d(t, k, groups=x.shape[1])
 
     mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    vx, vy = (blur(x * x) - mx**2).clamp_min(0), (blur(y * y) - my**2).clamp_min(0)
+    cxy = blur(x * y) - mx * my
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     return s.mean(1)
 
 
 def background_ssim(pred: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, *, window: int = 11) -> torch.Tensor:
-    """Mean SSIM over background pixels whose whole window is background, per image ``[B]``."""
+    """SSIM of the background-only images ``(pred * (1 - M), ref * (1 - M))`` (as LPIPS_bg), its map
+    averaged with weights ``1 - M``: ``[B]``. With an empty mask it is torchmetrics' SSIM; edits inside a
+    binary mask cannot change it; soft masks weigh pixels by their background share. Any amount of
+    background works (a mask covering everything raises ``MaskError``)."""
     _check(pred, ref, mask)
-    if min(pred.shape[2:]) < window:
-        raise ShapeError(f"images of {tuple(pred.shape[2:])} are smaller than the SSIM window {window}")
     bg = 1.0 - mask.float()
-    clean = (F.avg_pool2d(bg, window, stride=1) > 1 - 1e-6).float()[:, 0]
-    if (clean.sum((1, 2)) == 0).any():
-        raise MaskError(f"no background pixel has a full {window}x{window} background window; use a smaller window")
-    smap = ssim_map(pred, ref, window=window)
-    return (smap * clean.to(smap.dtype)).sum((1, 2)) / clean.sum((1, 2))
+    area = bg.sum((1, 2, 3))
+    if (area == 0).any():
+        raise MaskError("a mask covers the whole image: there is no background to compare")
+    smap = ssim_map(pred * bg, ref * bg, window=window)
+    weight = bg[:, 0].to(smap.dtype)
+    return (smap * weight).sum((1, 2)) / weight.sum((1, 2))
 
 
 class LPIPS(nn.Module):
@@ -104,6 +112,7 @@ class LPIPS(nn.Module):
 
     _shift: torch.Tensor  # buffers registered in __init__
     _scale: torch.Tensor
+    source: str = "user-built"  # which weights (alexnet_lpips sets it)
 
     shift = (-0.030, -0.088, -0.188)
     scale = (0.458, 0.448, 0.450)
@@ -129,10 +138,36 @@ class LPIPS(nn.Module):
         return total
 
 
-def alexnet_lpips(features_path: str | Path | None = None, lin_path: str | Path | None = None) -> LPIPS:
-    """LPIPS-alex. ``features_path``: torchvision's ``alexnet-owt-7be5be79.pth`` (keys ``features.N.*``);
-    ``lin_path``: the ``lpips`` package's ``weights/v0.1/alex.pth`` (keys ``linK.model.1.weight``).
-    Both load with ``weights_only=True``; without them the backbone is random (tests, smoke runs)."""
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+
+
+def packaged_lpips_lin(net: str = "alex") -> Path | None:
+    """The ``lpips`` package's linear-layer weights ``weights/v0.1/{net}.pth``, found without importing
+    it (its import pulls torchvision); None when the package is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "weights" / "v0.1" / f"{net}.pth"
+    return path if path.is_file() else None
+
+
+def cached_alexnet() -> Path | None:
+    """torchvision's AlexNet weights in torch hub's cache (``$TORCH_HOME/hub/checkpoints``), if present."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+    return path if path.is_file() else None
+
+
+def alexnet_lpips(
+    features_path: str | Path | None = None, lin_path: str | Path | None = None, *, demo: bool = False
+) -> LPIPS:
+    """LPIPS-alex with real weights. ``features_path``: torchvision's ``alexnet-owt-7be5be79.pth`` (keys
+    ``features.N.*``; default: torch hub's cache); ``lin_path``: the ``lpips`` package's
+    ``weights/v0.1/alex.pth`` (keys ``linK.model.1.weight``; default: the installed package's file).
+    Both load with ``weights_only=True``. A missing file raises ``CheckpointError`` unless ``demo=True``,
+    which uses a random backbone (and unit linear weights when lpips is absent): numbers that test
+    plumbing only. ``model.source`` says which weights were used."""
     convs = [(3, 64, 11, 4, 2), (64, 192, 5, 1, 2), (192, 384, 3, 1, 1), (384, 256, 3, 1, 1), (256, 256, 3, 1, 1)]
     layers = [nn.Conv2d(i, o, k, stride=s, padding=p) for i, o, k, s, p in convs]
     stages = [
@@ -143,17 +178,31 @@ def alexnet_lpips(features_path: str | Path | None = None, lin_path: str | Path 
         nn.Sequential(layers[4], nn.ReLU()),
     ]
     model = LPIPS(stages, [64, 192, 384, 256, 256])
+    features = Path(features_path) if features_path is not None else cached_alexnet()
+    lin = Path(lin_path) if lin_path is not None else packaged_lpips_lin("alex")
+    if not demo and (features is None or lin is None):
+        raise CheckpointError(
+            "LPIPS needs real weights: "
+            + ("pass torchvision's AlexNet weights (lpips_features=.../alexnet-owt-7be5be79.pth) or put them in "
+               f"{Path(torch.hub.get_dir()) / 'checkpoints'}; " if features is None else "")
+            + ("pip install lpips (its weights/v0.1/alex.pth) or pass lpips_lin=...; " if lin is None else "")
+            + "random weights only in demo mode"
+        )
     torchvision_index = [0, 3, 6, 8, 10]
-    if features_path is not None:
-        state = _load(features_path, [f"features.{i}.{p}" for i in torchvision_index for p in ("weight", "bias")])
+    if features is not None:
+        state = _load(features, [f"features.{i}.{p}" for i in torchvision_index for p in ("weight", "bias")])
         for conv, idx in zip(layers, torchvision_index, strict=True):
             assert conv.bias is not None  # the convolutions are built with bias=True
             conv.weight.data.copy_(state[f"features.{idx}.weight"])
             conv.bias.data.copy_(state[f"features.{idx}.bias"])
-    if lin_path is not None:
-        state = _load(lin_path, [f"lin{k}.model.1.weight" for k in range(len(model.weights))])
+    if lin is not None:
+        state = _load(lin, [f"lin{k}.model.1.weight" for k in range(len(model.weights))])
         for k, w in enumerate(model.weights):
             w.data.copy_(state[f"lin{k}.model.1.weight"].flatten())
+    model.source = (
+        f"alexnet {features}; lin {lin}" if features is not None and lin is not None
+        else f"random backbone (demo); lin {lin if lin is not None else 'ones (demo)'}"
+    )
     return model.eval()
 
 
@@ -193,6 +242,24 @@ def masked_crop(image: torch.Tensor, mask: torch.Tensor, padding: float = 0.05) 
     return (image * mask)[:, y0:y1, x0:x1]
 
 
+def clip_preprocess(
+    image: torch.Tensor, size: int, crop_size: int | None = None, *,
+    mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+) -> torch.Tensor:
+    """CLIPImageProcessor's steps on ``image [3, h, w]`` in [0, 1]: resize the shortest side to ``size``
+    (bicubic with antialias; the long side ``int(size * long / short)``), center crop ``crop_size``
+    (default ``size``), normalise. Returns ``[3, crop_size, crop_size]`` float32."""
+    crop_size = size if crop_size is None else crop_size
+    h, w = image.shape[1:]
+    short, long = (h, w) if h <= w else (w, h)
+    new_long = int(size * long / short)
+    new_hw = (size, new_long) if h <= w else (new_long, size)
+    resized = F.interpolate(image.float()[None], size=new_hw, mode="bicubic", align_corners=False, antialias=True)[0]
+    top, left = max((new_hw[0] - crop_size) // 2, 0), max((new_hw[1] - crop_size) // 2, 0)
+    crop = resized[:, top : top + crop_size, left : left + crop_size].clamp(0, 1)
+    return (crop - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
 def regional_style_matching(
     images: torch.Tensor,
     masks: torch.Tensor,
@@ -201,24 +268,27 @@ def regional_style_matching(
     tokenizer: Callable[..., Any],
     *,
     padding: float = 0.05,
+    processor: Any = None,
 ) -> torch.Tensor:
     """RSM ``[B]`` in [0, 1]: ``(1 + cos(image features of the masked crop, text features of the style)) / 2``.
 
     ``clip``: a transformers ``CLIPModel`` (``CLIPModel.from_pretrained(local_folder)``);
-    ``tokenizer(texts, padding=True, return_tensors="pt")`` its tokenizer.
+    ``tokenizer(texts, padding=True, return_tensors="pt")`` its tokenizer. ``processor``: the folder's
+    ``CLIPImageProcessor`` (given 8-bit crops, as it expects); without it :func:`clip_preprocess` does the
+    same steps at the vision tower's ``image_size``.
     """
     if images.dim() != 4 or masks.shape != (images.shape[0], 1, *images.shape[2:]):
         raise ShapeError(f"need images [B, 3, H, W] and masks [B, 1, H, W], got {tuple(images.shape)}, {tuple(masks.shape)}")
     if len(styles) != images.shape[0]:
         raise ShapeError(f"{len(styles)} style texts for {images.shape[0]} images")
-    size = clip.config.vision_config.image_size
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    crops = [
-        F.interpolate(masked_crop(img.float(), m, padding)[None], size=(size, size), mode="bicubic", align_corners=False)
-        for img, m in zip(images, masks, strict=True)
-    ]
-    pixels = ((torch.cat(crops).clamp(0, 1) - mean) / std).to(next(clip.parameters()).device)
+    crops = [masked_crop(img.float(), m, padding) for img, m in zip(images, masks, strict=True)]
+    if processor is not None:
+        arrays = [(c.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy() for c in crops]
+        pixels = processor(images=arrays, return_tensors="pt")["pixel_values"]
+    else:
+        size = clip.config.vision_config.image_size
+        pixels = torch.stack([clip_preprocess(c, size) for c in crops])
+    pixels = pixels.to(next(clip.parameters()).device)
     tokens = tokenizer(list(styles), padding=True, return_tensors="pt")
     with torch.no_grad():
         img = _features(clip.get_image_features(pixel_values=pixels))
@@ -237,7 +307,7 @@ def background_metrics(
     out = {
         "bg/mse": float(background_mse(pred, ref, mask).mean()),
         "bg/psnr": float(background_psnr(pred, ref, mask).mean()),
-        "bg/ssim": float(background_ssim(pred, ref, mask, window=min(11, *pred.shape[2:])).mean()),
+        "bg/ssim": float(background_ssim(pred, ref, mask, window=min(11, 2 * min(pred.shape[2:]) - 1)).mean()),
     }
     if lpips is not None:
         out["bg/lpips"] = float(background_lpips(pred, ref, mask, lpips).mean())
@@ -245,14 +315,18 @@ def background_metrics(
 
 
 __all__ = [
+    "ALEXNET_FILE",
     "LPIPS",
     "alexnet_lpips",
+    "cached_alexnet",
+    "clip_preprocess",
     "background_lpips",
     "background_metrics",
     "background_mse",
     "background_psnr",
     "background_ssim",
     "masked_crop",
+    "packaged_lpips_lin",
     "regional_style_matching",
     "ssim_map",
 ]

@@ -111,13 +111,12 @@ class LoraMoE(nn.Module):
                 if layer.out_features is None:
                     raise UnsupportedModelError(f"LoRA layer {name} has no out_features; the router needs Linear")
                 self.gates[str(i)] = _Gate(len(self.experts), layer.out_features)
+        self._scaling = [_adapter_scaling(name, layer, self.experts) for name, layer in self.layers]
         self._mode: str | None = None
         self._index: torch.Tensor | None = None
         self.last_gates: list[torch.Tensor] = []
-        # peft's LoRA layers are modules (LoraLayer is a mixin of e.g. lora.Linear(nn.Module, LoraLayer))
-        self._handles = [
-            cast(nn.Module, layer).register_forward_hook(self._hook(i)) for i, (_, layer) in enumerate(self.layers)
-        ]
+        self._handles: list[Any] = []
+        self._disabled_before: list[bool] | None = None
 
     def route(self, expert_index: torch.Tensor) -> None:
         """Hard routing: sample ``b`` uses expert ``experts[expert_index[b]]`` (``[B]`` long)."""
@@ -136,14 +135,19 @@ class LoraMoE(nn.Module):
         self._take_over(True)
 
     def release(self) -> None:
-        """Hand the LoRA layers back to peft (its ``set_adapters`` state applies again)."""
+        """Hand the LoRA layers back to peft as they were before routing (its ``set_adapters`` state and
+        ``enable_lora`` / ``disable_lora`` flag apply again) and remove this object's hooks."""
         self._mode, self._index = None, None
         self._take_over(False)
 
     def remove(self) -> None:
+        """Same as :meth:`release` (kept for callers that detach explicitly)."""
         self.release()
-        for h in self._handles:
-            h.remove()
+
+    @property
+    def active(self) -> bool:
+        """Whether this object currently routes the LoRA layers (hooks installed)."""
+        return bool(self._handles)
 
     def router_parameters(self) -> list[nn.Parameter]:
         return list(self.gates.parameters())
@@ -156,10 +160,25 @@ class LoraMoE(nn.Module):
         return -torch.log(q.clamp_min(1e-12)).mean() - math.log(len(self.experts))
 
     def _take_over(self, on: bool) -> None:
-        for _, layer in self.layers:
-            layer._disable_adapters = on  # peft then returns the base layer's output; the hook adds the experts
         if on:
             self.last_gates = []
+            if self._handles:
+                return
+            self._disabled_before = [bool(layer._disable_adapters) for _, layer in self.layers]
+            for _, layer in self.layers:
+                layer._disable_adapters = True  # peft then returns the base layer's output; the hook adds the experts
+            # peft's LoRA layers are modules (LoraLayer is a mixin of e.g. lora.Linear(nn.Module, LoraLayer))
+            self._handles = [
+                cast(nn.Module, layer).register_forward_hook(self._hook(i)) for i, (_, layer) in enumerate(self.layers)
+            ]
+            return
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._disabled_before is not None:
+            for (_, layer), before in zip(self.layers, self._disabled_before, strict=True):
+                layer._disable_adapters = before
+            self._disabled_before = None
 
     def _hook(self, i: int) -> Any:
         def hook(layer: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
@@ -167,8 +186,8 @@ class LoraMoE(nn.Module):
                 return out
             x = args[0]
             if self._mode == "hard":
-                return out + self._hard_delta(layer, x)
-            deltas = torch.stack([self._delta(layer, e, x) for e in self.experts], dim=-2)  # [..., E, F]
+                return out + self._hard_delta(layer, x, self._scaling[i])
+            deltas = torch.stack([self._delta(layer, e, x, self._scaling[i][e]) for e in self.experts], dim=-2)
             gate = self.gates[str(i)](deltas, self.temperature)
             self.last_gates.append(gate)
             return out + (gate[..., None] * deltas).sum(-2).to(out.dtype)
@@ -176,11 +195,11 @@ class LoraMoE(nn.Module):
         return hook
 
     @staticmethod
-    def _delta(layer: Any, expert: str, x: torch.Tensor) -> torch.Tensor:
+    def _delta(layer: Any, expert: str, x: torch.Tensor, scaling: float) -> torch.Tensor:
         a, b = layer.lora_A[expert], layer.lora_B[expert]
-        return b(a(layer.lora_dropout[expert](x.to(a.weight.dtype)))) * layer.scaling[expert]
+        return b(a(layer.lora_dropout[expert](x.to(a.weight.dtype)))) * scaling
 
-    def _hard_delta(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
+    def _hard_delta(self, layer: Any, x: torch.Tensor, scaling: dict[str, float]) -> torch.Tensor:
         index = self._index
         if index is None or index.shape[0] != x.shape[0]:
             raise ShapeError(f"routing has {0 if index is None else index.shape[0]} samples, the batch {x.shape[0]}")
@@ -189,12 +208,35 @@ class LoraMoE(nn.Module):
         for e, expert in enumerate(self.experts):
             rows = (index == e).nonzero().flatten()
             if rows.numel():
-                result = result.index_add(0, rows, self._delta(layer, expert, x[rows]).to(x.dtype))
+                result = result.index_add(0, rows, self._delta(layer, expert, x[rows], scaling[expert]).to(x.dtype))
         return result
 
 
+def _adapter_scaling(name: str, layer: Any, experts: Sequence[str]) -> dict[str, float]:
+    """Each expert's scaling from its config, ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
+
+    peft's ``layer.scaling`` is not read: diffusers' ``set_adapters(names, weights)`` rewrites it in place
+    (and leaves it stale for adapters it does not name)."""
+    out = {}
+    for e in experts:
+        if layer.use_dora.get(e, False):
+            raise UnsupportedModelError(f"expert {e!r} is a DoRA adapter (layer {name}); LoraMoE routes plain LoRA only")
+        r, alpha = layer.r[e], layer.lora_alpha[e]
+        out[e] = alpha / math.sqrt(r) if layer.use_rslora.get(e, False) else alpha / r
+    return out
+
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
 def save_expert(model: nn.Module, style: str, directory: str | Path) -> Path:
-    """Write expert ``style`` as ``DIR/pytorch_lora_weights.safetensors`` in the diffusers LoRA format."""
+    """Write expert ``style`` as ``DIR/pytorch_lora_weights.safetensors`` in the diffusers LoRA format.
+
+    The file is written into a fresh hidden folder inside ``DIR`` and renamed over the old weights
+    (atomic on one file system); nothing else in ``DIR`` is touched, and on failure the old weights stay."""
+    import shutil
+    import tempfile
+
     from diffusers import FluxPipeline, StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -203,22 +245,26 @@ def save_expert(model: nn.Module, style: str, directory: str | Path) -> Path:
     if kind not in _PREFIX:
         raise UnsupportedModelError(f"save_expert supports {sorted(_PREFIX)}, got {kind}")
     expert_parameters(model, style)
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=style))
     directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp")
+    target = directory / WEIGHTS_NAME
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} is a file; save_expert needs a folder (it writes {WEIGHTS_NAME} inside)")
+    if target.exists() and not target.is_file():
+        raise CheckpointError(f"{target} exists and is not a file; move it away before saving the expert there")
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=style))
     configs: Any = model.peft_config  # set by peft's add_adapter / load_lora_adapter
     meta = configs[style].to_dict()
-    if kind == "FluxTransformer2DModel":
-        FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=state, transformer_lora_adapter_metadata=meta)
-    else:
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, unet_lora_adapter_metadata=meta)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    if directory.exists():
-        for f in directory.iterdir():
-            f.unlink()
-        directory.rmdir()
-    tmp.rename(directory)
-    return directory / "pytorch_lora_weights.safetensors"
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".regionroute-expert-", dir=directory))
+    try:
+        if kind == "FluxTransformer2DModel":
+            FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=state, transformer_lora_adapter_metadata=meta)
+        else:
+            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, unet_lora_adapter_metadata=meta)
+        (tmp / WEIGHTS_NAME).replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the folder this call created, and only what it wrote there
+    return target
 
 
 def load_expert(model: nn.Module, directory: str | Path, style: str) -> None:
@@ -227,7 +273,7 @@ def load_expert(model: nn.Module, directory: str | Path, style: str) -> None:
     if kind not in _PREFIX:
         raise UnsupportedModelError(f"load_expert supports {sorted(_PREFIX)}, got {kind}")
     path = Path(directory)
-    file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+    file = path / WEIGHTS_NAME if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"no LoRA file at {file}; pass the folder save_expert wrote")
     model.load_lora_adapter(str(file), adapter_name=style, prefix=_PREFIX[kind])  # type: ignore[operator]
@@ -235,6 +281,7 @@ def load_expert(model: nn.Module, directory: str | Path, style: str) -> None:
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "WEIGHTS_NAME",
     "LoraMoE",
     "add_style_experts",
     "expert_parameters",

@@ -29,10 +29,10 @@ from torch import nn
 from klcore.errors import ConfigError, DataError, ShapeError
 from klcore.reduce import GlobalCounts
 from klcore.trainer import Trainer, TrainerConfig
-from regionroute.capture import MODES, AttentionStore, register_attention_capture
+from regionroute.capture import MODES, AttentionStore, register_attention_capture, remove_attention_capture
 from regionroute.data import EditTensors
-from regionroute.losses import AVERAGING, region_attention_loss
-from regionroute.moe import LoraMoE
+from regionroute.losses import AVERAGING, NORMALIZATIONS, region_attention_loss
+from regionroute.moe import LoraMoE, expert_parameters
 
 LAYOUTS = ("flux", "unet")
 PREDICTIONS = ("flow", "epsilon", "v_prediction")
@@ -52,6 +52,7 @@ class RegionRouteConfig:
     alpha: float = 2.0
     capture_mode: str = "full"
     average: str = "layer"
+    normalize: str = "auto"
     capture_layers: list[str] = field(default_factory=list)
     chunk_size: int = 512
     union_batch_tokens: bool = False
@@ -73,6 +74,8 @@ class RegionRouteConfig:
             raise ConfigError(f"capture_mode must be one of {MODES}, got {self.capture_mode!r}")
         if self.average not in AVERAGING:
             raise ConfigError(f"average must be one of {AVERAGING}, got {self.average!r}")
+        if self.normalize not in ("auto", *NORMALIZATIONS):
+            raise ConfigError(f"normalize must be 'auto' or one of {NORMALIZATIONS}, got {self.normalize!r}")
         if min(self.lambda_focus, self.lambda_cover, self.sample_every) < 0 or self.tau <= 0 or self.alpha <= 0:
             raise ConfigError("need lambda_focus, lambda_cover, sample_every >= 0 and tau, alpha > 0")
         if self.chunk_size < 1:
@@ -81,6 +84,13 @@ class RegionRouteConfig:
             raise ConfigError(f"guidance must be > 0, got {self.guidance}")
         if self.balance_weight < 0 or self.router_temperature <= 0:
             raise ConfigError("need balance_weight >= 0 and router_temperature > 0")
+
+    @property
+    def map_normalization(self) -> str:
+        """``normalize`` with ``"auto"`` resolved: ``"max"`` for full-softmax maps, ``"none"`` for partial."""
+        if self.normalize != "auto":
+            return self.normalize
+        return "max" if self.capture_mode == "full" else "none"
 
     @property
     def attention_losses(self) -> bool:
@@ -157,7 +167,8 @@ def load_cache(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 class RegionRouteTrainer(Trainer):
-    """Trains the LoRA experts of ``model`` (added with ``add_style_experts``) on a cached dataset."""
+    """Trains the LoRA experts of ``model`` (added with ``add_style_experts``) on a cached dataset: a dict of
+    tensors (:func:`cache_flux_inputs`) or a :class:`regionroute.cache.FluxCache` read shard by shard."""
 
     mask_key = "valid"
     progress_keys = ("loss/total", "loss/diffusion", "attn/focus")
@@ -165,7 +176,7 @@ class RegionRouteTrainer(Trainer):
     def __init__(
         self,
         model: nn.Module,
-        cache: dict[str, torch.Tensor],
+        cache: dict[str, torch.Tensor] | Any,
         experts: Sequence[str],
         config: RegionRouteConfig,
         *,
@@ -173,20 +184,24 @@ class RegionRouteTrainer(Trainer):
         image_size: tuple[int, int],
         on_sample: Callable[[RegionRouteTrainer, int], None] | None = None,
     ) -> None:
-        n = cache["latents"].shape[0]
+        n = len(cache) if hasattr(cache, "take") else cache["latents"].shape[0]
         if n == 0:
             raise DataError("the cached dataset is empty")
         self.cfg, self.cache, self.image_size, self.on_sample = config, cache, image_size, on_sample
+        self.size = int(n)
         self.moe = LoraMoE(model, experts, router=config.train_router, temperature=config.router_temperature)
-        if config.train_router:  # experts frozen; only the gates learn
-            for p in model.parameters():
-                p.requires_grad_(False)
+        if config.train_router:  # only the gates learn (train() freezes the rest while it runs)
             model.add_module("regionroute_router", self.moe.gates)
         self.store = AttentionStore(
             config.capture_mode, chunk_size=config.chunk_size, union_batch_tokens=config.union_batch_tokens
         )
-        self.captured = register_attention_capture(model, self.store, layers=config.capture_layers or None)
-        params = [p for p in model.parameters() if p.requires_grad]
+        self.captured: list[str] = []
+        # the experts (whatever peft's set_adapters left trainable) plus any other parameter the user unfroze
+        self._trained = self.moe.router_parameters() if config.train_router else list(
+            {id(p): p for p in [*(q for e in experts for q in expert_parameters(model, e)),
+                                *(q for q in model.parameters() if q.requires_grad)]}.values()
+        )
+        params = self._trained
         if not params:
             raise ConfigError("no trainable parameter: add style experts (add_style_experts) before training")
         optimizer = torch.optim.AdamW(params, lr=config.trainer.lr, weight_decay=config.trainer.weight_decay)
@@ -198,11 +213,32 @@ class RegionRouteTrainer(Trainer):
             self.scheduler_ddpm = DDPMScheduler(num_train_timesteps=1000, prediction_type=config.prediction)
         super().__init__(model, config.trainer, run_dir=run_dir, optimizer=optimizer)
 
+    def train(self) -> list[dict[str, float]]:
+        """klcore's loop with the capture processors and the expert routing installed for its duration only.
+
+        Whether it returns or raises, the model is left as it was found: the original attention processors
+        (the same objects), no hooks of this trainer, peft's adapter state and ``requires_grad`` flags."""
+        model = self.unwrapped_model
+        grads = {n: p.requires_grad for n, p in model.named_parameters()}
+        try:
+            trained = {id(p) for p in self._trained}
+            for p in model.parameters():
+                p.requires_grad_(id(p) in trained)
+            self.captured = register_attention_capture(model, self.store, layers=self.cfg.capture_layers or None)
+            return super().train()
+        finally:
+            self.store.clear_tokens()
+            self.moe.release()
+            remove_attention_capture(model)
+            for n, p in model.named_parameters():
+                p.requires_grad_(grads.get(n, p.requires_grad))
+
     def collect(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         if self.on_sample is not None and self.cfg.sample_every and step % self.cfg.sample_every == 0:
             self.on_sample(self, step)
-        idx = torch.randint(self.cache["latents"].shape[0], (self.cfg.batch_size,))
-        batch = {k: v[idx] for k, v in self.cache.items()}
+        idx = torch.randint(self.size, (self.cfg.batch_size,))
+        cache: Any = self.cache
+        batch = cache.take(idx) if hasattr(cache, "take") else {k: v[idx] for k, v in cache.items()}
         batch["valid"] = torch.ones(self.cfg.batch_size, 1)
         return batch, {}
 
@@ -226,6 +262,7 @@ class RegionRouteTrainer(Trainer):
             attn, attn_metrics = region_attention_loss(
                 list(self.store.maps.values()), batch["masks"], batch["token_objects"], tau=cfg.tau, alpha=cfg.alpha,
                 lambda_focus=cfg.lambda_focus, lambda_cover=cfg.lambda_cover, average=cfg.average,
+                grid=self._token_grid(batch), normalize=cfg.map_normalization,
             )
             loss = loss + attn
             metrics.update(attn_metrics)
@@ -235,6 +272,12 @@ class RegionRouteTrainer(Trainer):
             metrics["router/balance"] = float(balance.detach())
         self.store.clear_tokens()
         return loss, metrics, {}
+
+    def _token_grid(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """The finest attention layer's query grid: Flux's packed grid ``(h/2, w/2)``, the UNet's latent grid."""
+        if self.cfg.layout == "flux":
+            return self.image_size[0] // 2, self.image_size[1] // 2
+        return int(batch["latents"].shape[-2]), int(batch["latents"].shape[-1])
 
     def _flux_forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x0, ctx = batch["latents"], batch["context"]
