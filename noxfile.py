@@ -22,8 +22,9 @@ CONSTRAINTS = str(ROOT / "constraints.txt")
 TORCH = "torch==2.13.0+cpu"  # the CPU wheel on these machines' disk; the registry's torch is a CUDA build
 # what the sessions install beside the packages: locked with them
 TOOLS = ["nox", "uv", "ruff", "mypy", "build", "setuptools", "wheel", "deepspeed", "psutil", "trl", "gpytorch"]
-# extras left out of the lock: their own sessions resolve them (verl asks for an older transformers)
-UNLOCKED_EXTRAS = {"verl", "vllm"}
+# extras left out of the lock: their own sessions resolve them (verl asks for an older transformers); lpips
+# requires torchvision, whose registry builds do not load against CPU torch
+UNLOCKED_EXTRAS = {"verl", "vllm", "lpips"}
 CORE = "shared/klcore"
 NO_TESTS = 5  # pytest's exit code when a folder holds no test yet: not a failure
 PACKAGES = [CORE, *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "packages").glob("*") if (p / "pyproject.toml").exists())]
