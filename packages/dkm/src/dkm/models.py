@@ -9,11 +9,15 @@ from typing import cast
 import torch
 from torch import nn
 
+from dkm._random import RandomState, torch_generator
 from dkm.gram import GramBlocks, check_inputs, input_gram
 from dkm.kernels import make_kernel
 from dkm.layers import GramLayer, OutputLayer
 from dkm.linalg import safe_cholesky
 from klcore.errors import ConfigError, DataError
+
+DEFAULT_NU = 100.0
+"""Default nu: the width of a hidden layer per replicated output column (see docs/dkm.md, "Choosing nu")."""
 
 
 @dataclass
@@ -83,7 +87,7 @@ class FullDKM(nn.Module):
         *,
         num_layers: int = 1,
         kernel: str = "relu",
-        nu: float | Sequence[float] = 1.0,
+        nu: float | Sequence[float] = DEFAULT_NU,
         dtype: torch.dtype = torch.float64,
     ) -> None:
         super().__init__()
@@ -134,7 +138,7 @@ class SparseDKM(nn.Module):
         *,
         num_layers: int = 1,
         kernel: str = "relu",
-        nu: float | Sequence[float] = 1.0,
+        nu: float | Sequence[float] = DEFAULT_NU,
         learn_inducing: bool = True,
         dtype: torch.dtype = torch.float64,
     ) -> None:
@@ -149,12 +153,21 @@ class SparseDKM(nn.Module):
 
     @classmethod
     def from_data(
-        cls, x: torch.Tensor, num_outputs: int, num_inducing: int = 100, *, seed: int = 0, **kwargs: object
+        cls,
+        x: torch.Tensor,
+        num_outputs: int,
+        num_inducing: int = 100,
+        *,
+        seed: RandomState = 0,
+        **kwargs: object,
     ) -> SparseDKM:
-        """Inducing inputs = a random subset of ``min(num_inducing, P)`` distinct rows of ``x``."""
+        """Inducing inputs = a random subset of ``min(num_inducing, P)`` distinct rows of ``x``; ``seed`` is
+        None, an int or a numpy RandomState (scikit-learn's ``random_state``)."""
         x = check_inputs(x, "x")
+        if num_inducing < 1:
+            raise ConfigError(f"num_inducing must be >= 1, got {num_inducing}")
         distinct = torch.unique(x, dim=0)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch_generator(seed)
         pick = torch.randperm(distinct.shape[0], generator=gen)[: min(num_inducing, distinct.shape[0])]
         return cls(distinct[pick], num_outputs, **kwargs)  # type: ignore[arg-type]
 
@@ -174,4 +187,4 @@ class SparseDKM(nn.Module):
         return DKMOutput(mean, var, penalty + output_kl)
 
 
-__all__ = ["DKMOutput", "FullDKM", "GramStack", "SparseDKM", "layer_nus"]
+__all__ = ["DEFAULT_NU", "DKMOutput", "FullDKM", "GramStack", "SparseDKM", "layer_nus"]

@@ -18,7 +18,7 @@ import torch
 
 from dkm.fitting import fit
 from dkm.likelihoods import CategoricalLikelihood, GaussianLikelihood
-from dkm.models import FullDKM, SparseDKM
+from dkm.models import DEFAULT_NU, FullDKM, SparseDKM
 from dkm.objectives import FullDKMObjective, SparseDKMObjective
 from klcore.errors import ConfigError
 
@@ -42,7 +42,7 @@ class DKMBenchmarkConfig:
     num_layers: int = 1
     num_inducing: int = 100
     kernel: str = "relu"
-    nu: float = 1.0
+    nu: float | None = None  # None: 100 for regression, 1 for classification (docs/dkm.md, "Choosing nu")
     epochs: int = 60
     batch_size: int = 256
     lr: float = 0.02
@@ -194,7 +194,8 @@ def run(config: DKMBenchmarkConfig, run_dir: Path) -> dict[str, Any]:
             for method in config.methods:
                 start = time.perf_counter()
                 if method in ("dkm", "nngp"):
-                    nu = config.nu if method == "dkm" else math.inf
+                    default = DEFAULT_NU if task == "regression" else 1.0
+                    nu = (default if config.nu is None else config.nu) if method == "dkm" else math.inf
                     metric, ll = _sparse(split, config, seed, nu=nu, num_layers=config.num_layers, kernel=config.kernel)
                 elif method == "gp" and task == "regression":
                     metric, ll, gp_backend[name] = _exact_gp(split, config)
