@@ -31,7 +31,7 @@ def _candidates(nu: float | Sequence[float]) -> list[float]:
 
 class _DKMEstimator(BaseEstimator):
     """Shared settings: architecture (``num_layers`` hidden Gram layers, ``num_inducing`` points initialised at
-    distinct training rows, ``kernel``, ``nu``; ``nu=inf`` is the NNGP; a list of ``nu`` values is searched on
+    distinct training rows, ``kernel``, ``ard`` (learned input scales), ``nu``; ``nu=inf`` is the NNGP; a list of ``nu`` values is searched on
     the validation split) and training (Adam, ``epochs``, ``batch_size``, ``lr``; with ``early_stopping=True``,
     ``validation_fraction`` of the data is held out and ``n_iter_no_change`` epochs without improvement of its
     loss stop training, the best-validation weights are kept; without it every epoch runs, as the Monte Carlo
@@ -45,6 +45,7 @@ class _DKMEstimator(BaseEstimator):
         num_layers: int = 1,
         num_inducing: int = 64,
         kernel: str = "relu",
+        ard: bool = False,
         nu: float | Sequence[float] | None = None,
         epochs: int = 200,
         batch_size: int | None = 256,
@@ -58,6 +59,7 @@ class _DKMEstimator(BaseEstimator):
         self.num_layers = num_layers
         self.num_inducing = num_inducing
         self.kernel = kernel
+        self.ard = ard
         self.nu = nu
         self.epochs = epochs
         self.batch_size = batch_size
@@ -122,7 +124,14 @@ class _DKMEstimator(BaseEstimator):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = SparseDKM.from_data(
-                x, num_outputs, self.num_inducing, seed=seed, num_layers=self.num_layers, kernel=self.kernel, nu=nu
+                x,
+                num_outputs,
+                self.num_inducing,
+                seed=seed,
+                num_layers=self.num_layers,
+                kernel=self.kernel,
+                nu=nu,
+                ard=self.ard,
             )
             objective = SparseDKMObjective(model, likelihood, num_data=x.shape[0])
             result = fit(
