@@ -212,7 +212,8 @@ def _exact_gp(split: Split, config: DKMBenchmarkConfig) -> dict:
         opt.step(closure)  # type: ignore[arg-type]
         with torch.no_grad():
             losses.append(-mll(gp(x), y).item())
-        best, since = (losses[-1], 0) if losses[-1] < best - 1e-6 * abs(best) else (best, since + 1)
+        improved = len(losses) == 1 or losses[-1] < best - 1e-6 * abs(best)
+        best, since = (losses[-1], 0) if improved else (best, since + 1)
     gp.eval()
     lik.eval()
     with torch.no_grad():
