@@ -2,11 +2,12 @@
 
 Prints ratios against baselines measured in the same run:
 1. zero-hidden-layer full DKM objective + gradient vs GPyTorch ExactMarginalLogLikelihood (default settings,
-   i.e. CG/Lanczos above max_cholesky_size = 800, and with Cholesky forced) at P = 1000 and 2000;
+   i.e. CG/Lanczos above max_cholesky_size = 800, and with Cholesky forced) at P = 1000, 2000 and 4000;
+   full DKMs with 1 and 2 hidden layers (relu) against the same GPyTorch default at each P;
 2. sparse DKM epoch time as the number of data points grows 8x (linear cost: ratio about 8);
 3. sparse DKM (0 and 1 hidden layers) epoch vs GPyTorch SVGP epoch with the same inducing points.
 
-    python benchmarks/dkm.py [--device cuda] [--dtype float32] [--sizes 1000 2000] [--repeats 3]
+    python benchmarks/dkm.py [--device cuda] [--dtype float32] [--sizes 1000 2000 4000] [--repeats 3]
 
 bf16 is not offered: torch.linalg.cholesky has no bf16 kernel and GP numerics need float32 at least.
 """
@@ -44,14 +45,33 @@ def _timed(fn: Callable[[], object], device: str, repeats: int) -> float:
 
 def exact_objective(sizes: list[int], features: int, dtype: torch.dtype, device: str, repeats: int) -> None:
     print("\n## 1. zero-hidden-layer objective + gradient vs GPyTorch exact MLL (sqexp / RBF kernel)")
-    print("| P | dkm s | gpytorch default s | ratio | gpytorch cholesky s | ratio |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| P | dkm s | gpytorch default s | ratio | gpytorch cholesky s | ratio | 1 hidden s | ratio | 2 hidden s | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for p in sizes:
         t_ours, t_default, t_chol = _exact_case(p, features, dtype, device, repeats)
+        deep = [_full_dkm_case(p, features, layers, dtype, device, repeats) for layers in (1, 2)]
         print(
             f"| {p} | {t_ours:.4f} | {t_default:.4f} | {t_ours / t_default:.2f} | {t_chol:.4f} | "
-            f"{t_ours / t_chol:.2f} |"
+            f"{t_ours / t_chol:.2f} | {deep[0]:.4f} | {deep[0] / t_default:.2f} | {deep[1]:.4f} | "
+            f"{deep[1] / t_default:.2f} |",
+            flush=True,
         )
+
+
+def _full_dkm_case(p: int, features: int, layers: int, dtype: torch.dtype, device: str, repeats: int) -> float:
+    """Seconds for one objective + gradient of a full DKM with ``layers`` hidden layers (relu kernel)."""
+    x = torch.randn(p, features, dtype=dtype, device=device)
+    y = torch.sin(x.sum(1))
+    model = dkm.FullDKM(x, num_layers=layers, kernel="relu", dtype=dtype).to(device)
+    objective = dkm.FullDKMObjective(model, dkm.GaussianLikelihood(0.1, dtype=dtype).to(device))
+
+    def step() -> None:
+        objective.zero_grad()
+        objective(x, y)[0].backward()
+
+    return _timed(step, device, repeats)
 
 
 def _exact_case(p: int, features: int, dtype: torch.dtype, device: str, repeats: int) -> tuple[float, float, float]:
@@ -145,7 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 4000])
     parser.add_argument("--features", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scaling-points", type=int, default=1000, help="P for the 8x scaling test (P and 8P)")

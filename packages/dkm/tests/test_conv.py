@@ -8,7 +8,7 @@ from dkm.conv import ConvDKM, ConvInputGram, ConvMixup, GlobalAveragePool, GramB
 from dkm.fitting import fit
 from dkm.gram import GramBlocks
 
-from klcore.errors import ShapeError
+from klcore.errors import ConfigError, ShapeError
 
 D = torch.float64
 
@@ -93,3 +93,39 @@ def test_conv_dkm_initial_kl_is_zero_and_it_learns_stripes() -> None:
     assert accuracy > 0.9
     with pytest.raises(ShapeError):
         model(torch.randn(2, 3, 6, 6, dtype=D))
+
+
+def test_reference_padding_averages_only_pixels_inside_the_image() -> None:
+    x = torch.randn(1, 2, 4, 5, dtype=D)
+    z = torch.randn(3, 2, 3, 3, dtype=D)
+    ours = ConvInputGram(z)(x)
+    reference = ConvInputGram(z, count_include_pad=False)(x)
+    sq = x[0].square().mean(0)
+    assert reference.t[0, 0, 0].item() == pytest.approx(sq[:2, :2].mean().item(), abs=1e-12)  # 4 pixels
+    assert ours.t[0, 0, 0].item() == pytest.approx(sq[:2, :2].sum().item() / 9, abs=1e-12)
+    assert reference.t[0, 2, 2].item() == pytest.approx(sq[1:4, 1:4].mean().item(), abs=1e-12)  # interior
+    assert torch.equal(reference.ti, ours.ti)
+    k = GramBlocks(torch.eye(3, dtype=D), torch.randn(1, 4, 5, 3, dtype=D), sq[None])
+    mixed = ConvMixup(3, 3, count_include_pad=False)(k)
+    assert mixed.t[0, 3, 4].item() == pytest.approx(sq[2:, 3:].mean().item(), abs=1e-12)
+
+
+def test_conv_dkm_head_is_kernel_then_batch_norm_then_output() -> None:
+    x = torch.randn(6, 1, 6, 6, dtype=D)
+    model = ConvDKM.from_images(x, 2, 10)
+    k_top, _ = model._propagate(model.input())
+    assert k_top.ii.diagonal().mean().item() == pytest.approx(1.0, abs=1e-12)  # normalised, learned scale 1
+    plain = ConvDKM.from_images(x, 2, 10, head_norm=False, count_include_pad=False)
+    assert plain.head_norm is None and not plain.input.count_include_pad
+    assert plain(x).mean.shape == (6, 2)
+
+
+def test_from_images_refuses_more_patches_than_exist() -> None:
+    image = torch.randn(1, 1, 3, 3, dtype=D)
+    with pytest.raises(ConfigError, match="only 1 distinct 3x3 patches"):
+        ConvDKM.from_images(image, 2, 32)
+    with pytest.raises(ShapeError, match="H, W >= 3"):
+        ConvDKM.from_images(torch.randn(2, 1, 2, 5, dtype=D), 2, 1)
+    flat = torch.zeros(4, 1, 5, 5, dtype=D)  # one distinct patch only (all zeros): duplicates are not counted
+    with pytest.raises(ConfigError, match="only 1 distinct"):
+        ConvDKM.from_images(flat, 2, 2)

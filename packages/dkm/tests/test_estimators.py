@@ -24,7 +24,9 @@ def test_regressor_in_a_pipeline_learns_a_smooth_function() -> None:
     rng = np.random.default_rng(0)
     x = rng.uniform(-3, 3, size=(150, 1))
     y = np.sin(x[:, 0]) + 0.1 * rng.standard_normal(150)
-    model = make_pipeline(StandardScaler(), DKMRegressor(num_inducing=20, epochs=150, lr=0.03, batch_size=64))
+    model = make_pipeline(
+        StandardScaler(), DKMRegressor(num_inducing=20, epochs=200, lr=0.1, batch_size=64, random_state=0)
+    )
     model.fit(x, y)
     grid = np.linspace(-2.5, 2.5, 50)[:, None]
     mean, std = model[-1].predict(model[0].transform(grid), return_std=True)

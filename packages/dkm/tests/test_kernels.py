@@ -6,6 +6,9 @@ import dkm
 import pytest
 import torch
 from dkm.gram import GramBlocks
+from dkm.kernels import make_kernel
+
+from klcore.errors import NotPSDError
 
 D = torch.float64
 
@@ -102,3 +105,13 @@ def test_arccos_kernel_rejects_mismatched_diagonals() -> None:
     g = torch.eye(3, dtype=D)
     with pytest.raises(ShapeError, match="diag_a"):
         dkm.arccos_kernel(g, torch.ones(2, dtype=D), torch.ones(3, dtype=D))
+
+
+@pytest.mark.parametrize("kernel", ["relu", "sqexp", "normalized-gaussian", "linear"])
+def test_kernels_refuse_a_gram_with_a_negative_diagonal(kernel: str) -> None:
+    bad = torch.tensor([[-0.9, 0.1], [0.1, 1.0]], dtype=D)
+    with pytest.raises(NotPSDError, match="negative diagonal"):
+        make_kernel(kernel)(GramBlocks(bad))
+    good = torch.eye(2, dtype=D)
+    with pytest.raises(NotPSDError, match="test diagonal"):
+        make_kernel(kernel)(GramBlocks(good, torch.zeros(1, 2, dtype=D), torch.tensor([-0.5], dtype=D)))

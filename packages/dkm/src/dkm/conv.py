@@ -38,14 +38,18 @@ def check_images(x: torch.Tensor, channels: int) -> torch.Tensor:
 class ConvInputGram(nn.Module):
     """G_ii = vec(Z) vec(Z)^T / (9C), G_ti = conv2d(X, Z, pad 1) / (9C), g_t = avgpool_3x3(mean_c X^2).
 
-    ``patches``: initial inducing patches ``[P_i, C, 3, 3]`` (learned).
+    ``patches``: initial inducing patches ``[P_i, C, 3, 3]`` (learned). ``count_include_pad=True`` divides
+    g_t by 9 at the border too, as G_ti is (zero padding: G_t,t is the Gram of the zero-padded patch, so
+    the blocks are one consistent Gram matrix); ``False`` averages over the pixels inside the image, as the
+    reference code does.
     """
 
-    def __init__(self, patches: torch.Tensor) -> None:
+    def __init__(self, patches: torch.Tensor, *, count_include_pad: bool = True) -> None:
         super().__init__()
         if patches.ndim != 4 or patches.shape[2:] != (3, 3):
             raise ShapeError(f"inducing patches must be [P_i, C, 3, 3], got shape {tuple(patches.shape)}")
         self.patches = nn.Parameter(patches.clone())
+        self.count_include_pad = count_include_pad
 
     def forward(self, x: torch.Tensor | None = None) -> GramBlocks:
         z = self.patches
@@ -55,20 +59,32 @@ class ConvInputGram(nn.Module):
         if x is None:
             return GramBlocks(ii)
         ti = F.conv2d(x, z, padding=1).permute(0, 2, 3, 1) / scale
-        t = F.avg_pool2d(x.square().mean(1, keepdim=True), 3, stride=1, padding=1, count_include_pad=True)[:, 0]
+        t = F.avg_pool2d(
+            x.square().mean(1, keepdim=True), 3, stride=1, padding=1, count_include_pad=self.count_include_pad
+        )[:, 0]
         return GramBlocks(ii, ti, t)
 
 
 class ConvMixup(nn.Module):
     """Learned 3x3 mixing C ``[P_out, P_in, 3, 3]`` (latent weights scaled by 1/sqrt(P_in)):
-    K_ii <- mean_d C_d K_ii C_d^T, K_ti <- conv2d(K_ti, C, pad 1, stride) / 9, k_t <- avgpool_3x3(k_t)."""
+    K_ii <- mean_d C_d K_ii C_d^T, K_ti <- conv2d(K_ti, C, pad 1, stride) / 9, k_t <- avgpool_3x3(k_t)
+    (``count_include_pad`` as in ``ConvInputGram``)."""
 
-    def __init__(self, p_in: int, p_out: int, *, stride: int = 1, dtype: torch.dtype = torch.float64) -> None:
+    def __init__(
+        self,
+        p_in: int,
+        p_out: int,
+        *,
+        stride: int = 1,
+        count_include_pad: bool = True,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
         super().__init__()
         if p_in < 1 or p_out < 1 or stride < 1:
             raise ConfigError(f"need p_in, p_out, stride >= 1, got {p_in}, {p_out}, {stride}")
         self.weight = nn.Parameter(torch.randn(p_out, p_in, 3, 3, dtype=dtype))
         self.stride = stride
+        self.count_include_pad = count_include_pad
 
     def forward(self, k: GramBlocks) -> GramBlocks:
         c = self.weight / math.sqrt(self.weight.shape[1])
@@ -77,7 +93,7 @@ class ConvMixup(nn.Module):
         if k.ti is None or k.t is None:
             return GramBlocks(ii)
         ti = F.conv2d(k.ti.permute(0, 3, 1, 2), c, padding=1, stride=self.stride).permute(0, 2, 3, 1) / 9
-        t = F.avg_pool2d(k.t[:, None], 3, stride=self.stride, padding=1, count_include_pad=True)[:, 0]
+        t = F.avg_pool2d(k.t[:, None], 3, stride=self.stride, padding=1, count_include_pad=self.count_include_pad)[:, 0]
         return GramBlocks(ii, ti, t)
 
 
@@ -130,10 +146,12 @@ class GlobalAveragePool(nn.Module):
 
 class ConvDKM(nn.Module):
     """ConvInputGram -> kernel -> ConvMixup -> GramLayer -> GramBatchNorm -> [kernel -> ConvMixup(stride) ->
-    GramLayer -> GramBatchNorm] x (len(strides)) -> GlobalAveragePool -> kernel -> OutputLayer.
+    GramLayer -> GramBatchNorm] x (len(strides)) -> GlobalAveragePool -> kernel -> GramBatchNorm -> OutputLayer.
 
     ``patches``: initial inducing patches ``[P_i, C, 3, 3]`` (e.g. random patches of training images);
-    every layer uses P_i inducing points. ``forward(images [B, C, H, W]) -> DKMOutput``.
+    every layer uses P_i inducing points. ``forward(images [B, C, H, W]) -> DKMOutput``. The head is the
+    reference's (top layer -> kernel -> Gram batch norm -> output); ``head_norm=False`` drops that last batch
+    norm. ``count_include_pad``: see ``ConvInputGram`` (True: our self-consistent border; False: the reference).
     """
 
     def __init__(
@@ -144,6 +162,8 @@ class ConvDKM(nn.Module):
         strides: tuple[int, ...] = (2,),
         kernel: str = "relu",
         nu: float = 0.01,
+        head_norm: bool = True,
+        count_include_pad: bool = True,
         dtype: torch.dtype = torch.float64,
     ) -> None:
         super().__init__()
@@ -151,14 +171,17 @@ class ConvDKM(nn.Module):
         p = patches.shape[0]
         self.channels = patches.shape[1]
         self.num_outputs = num_classes
-        self.input = ConvInputGram(patches)
+        self.input = ConvInputGram(patches, count_include_pad=count_include_pad)
         self.kernels = nn.ModuleList(make_kernel(kernel, dtype=dtype) for _ in range(len(strides) + 2))
-        self.mixups = nn.ModuleList(ConvMixup(p, p, stride=s, dtype=dtype) for s in (1, *strides))
+        self.mixups = nn.ModuleList(
+            ConvMixup(p, p, stride=s, count_include_pad=count_include_pad, dtype=dtype) for s in (1, *strides)
+        )
         self.layers = nn.ModuleList(
             GramLayer(p, nu, name=f"conv layer {i + 1}", dtype=dtype) for i in range(len(strides) + 1)
         )
         self.norms = nn.ModuleList(GramBatchNorm(dtype=dtype) for _ in range(len(strides) + 1))
         self.pool = GlobalAveragePool()
+        self.head_norm = GramBatchNorm(dtype=dtype) if head_norm else None
         self.output = OutputLayer(p, num_classes, dtype=dtype)
         self.to(patches.device)
         self.initialise()
@@ -167,10 +190,21 @@ class ConvDKM(nn.Module):
     def from_images(
         cls, images: torch.Tensor, num_classes: int, num_inducing: int = 32, *, seed: int = 0, **kwargs: object
     ) -> ConvDKM:
-        """Inducing patches = random 3x3 patches of ``images [B, C, H, W]``."""
+        """Inducing patches = ``num_inducing`` distinct random 3x3 patches of ``images [B, C, H, W]``."""
+        if images.ndim != 4 or images.shape[2] < 3 or images.shape[3] < 3:
+            raise ShapeError(f"images must be [B, C, H, W] with H, W >= 3, got shape {tuple(images.shape)}")
+        images = check_images(images, images.shape[1])
+        if num_inducing < 1:
+            raise ConfigError(f"num_inducing must be >= 1, got {num_inducing}")
         gen = torch.Generator().manual_seed(seed)
         patches = F.unfold(images, 3)  # [B, C*9, L]
-        flat = patches.permute(0, 2, 1).reshape(-1, patches.shape[1])
+        flat = torch.unique(patches.permute(0, 2, 1).reshape(-1, patches.shape[1]), dim=0)
+        if num_inducing > flat.shape[0]:
+            raise ConfigError(
+                f"asked for {num_inducing} inducing patches but the {images.shape[0]} image(s) of size "
+                f"{images.shape[2]}x{images.shape[3]} hold only {flat.shape[0]} distinct 3x3 patches; "
+                "pass more or larger images or a smaller num_inducing"
+            )
         flat = flat[torch.randperm(flat.shape[0], generator=gen)[:num_inducing]]
         return cls(flat.reshape(-1, images.shape[1], 3, 3), num_classes, **kwargs)  # type: ignore[arg-type]
 
@@ -183,7 +217,8 @@ class ConvDKM(nn.Module):
             g, layer_penalty = layer(k)
             g = norm(g)
             penalty = penalty + layer_penalty
-        return self.kernels[-1](self.pool(g)), penalty
+        k_top = self.kernels[-1](self.pool(g))
+        return (k_top if self.head_norm is None else self.head_norm(k_top)), penalty
 
     @torch.no_grad()
     def initialise(self) -> None:

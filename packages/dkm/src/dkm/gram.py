@@ -37,9 +37,15 @@ def check_inputs(x: torch.Tensor, name: str = "x", features: int | None = None) 
     return x
 
 
-def input_gram(inducing: torch.Tensor, x: torch.Tensor | None = None) -> GramBlocks:
-    """Input layer G0 = X X^T / N0 from inducing inputs ``[P_i, N0]`` and optional test inputs ``[P_t, N0]``."""
+def input_gram(inducing: torch.Tensor, x: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> GramBlocks:
+    """Input layer G0 = X S^2 X^T / N0 from inducing inputs ``[P_i, N0]`` and optional test inputs ``[P_t, N0]``;
+    ``scales [N0]`` (S = diag(scales), ARD) defaults to ones: G0 = X X^T / N0."""
     n0 = inducing.shape[-1]
+    if scales is not None:
+        if scales.shape != (n0,):
+            raise ShapeError(f"input scales must be [{n0}] (one per input feature), got {tuple(scales.shape)}")
+        inducing = inducing * scales
+        x = None if x is None else x * scales
     ii = inducing @ inducing.T / n0
     if x is None:
         return GramBlocks(ii)

@@ -14,7 +14,7 @@ from torch import nn
 
 from dkm.gram import GramBlocks
 from dkm.linalg import get_jitter
-from klcore.errors import ConfigError, ShapeError
+from klcore.errors import ConfigError, NotPSDError, ShapeError
 
 
 def arccos_kernel(gram: torch.Tensor, diag_a: torch.Tensor, diag_b: torch.Tensor) -> torch.Tensor:
@@ -47,6 +47,16 @@ def _log_param(value: float, name: str, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.tensor(math.log(value), dtype=dtype))
 
 
+def _check_diagonal(diag: torch.Tensor, what: str, kernel: str) -> None:
+    """A Gram matrix G = F F^T / N has g_aa = |f_a|^2 / N >= 0; refuse negative entries (beyond round-off)."""
+    low = float(diag.detach().min()) if diag.numel() else 0.0
+    if low < -1e-10 * (1.0 + float(diag.detach().abs().max())):
+        raise NotPSDError(
+            f"{kernel}: {what} has a negative diagonal entry ({low:.3g}); a Gram matrix has g_aa >= 0. "
+            "Build it as F F^T / N (dkm.input_gram) or check the layer that produced it"
+        )
+
+
 class GramKernel(nn.Module, abc.ABC):
     """Base class: ``forward(G: GramBlocks) -> K: GramBlocks`` with jitter on the diagonals."""
 
@@ -61,6 +71,9 @@ class GramKernel(nn.Module, abc.ABC):
     def forward(self, gram: GramBlocks) -> GramBlocks:
         eps = get_jitter()
         g_i = gram.ii.diagonal()
+        _check_diagonal(g_i, "the inducing block G_ii", type(self).__name__)
+        if gram.t is not None:
+            _check_diagonal(gram.t, "the test diagonal g_t", type(self).__name__)
         k_ii = self.cross(gram.ii, g_i, g_i)
         k_ii = k_ii - torch.diag_embed(k_ii.diagonal()) + torch.diag_embed(self.diagonal(g_i) * (1 + eps) + eps)
         if gram.ti is None or gram.t is None:

@@ -36,11 +36,20 @@ class GramLayer(nn.Module):
     ``forward(K) -> (G, penalty)``. The test blocks follow the prior conditional:
     G_ti = K_ti K_ii^-1 G_ii, g_t = diag(K_ti K_ii^-1 G_ii K_ii^-1 K_it) + k_t - diag(K_ti K_ii^-1 K_it).
     ``nu = inf`` is the NNGP (G = K, no parameters, no penalty). Call ``initialise(K_ii)`` before
-    training: it sets G_ii = K_ii, so the KL starts at zero.
+    training: it sets G_ii = K_ii, so the KL starts at zero. ``whiten=True`` learns G_ii relative to the
+    prior, L_G = L_K L_A (L_K = chol K_ii, L_A from V as above, A = I at the start), so that KL = KL(N(0, A) ||
+    N(0, I)) and G_ii follows K_ii when the layers below (or the input scales) change: the same objective,
+    better conditioned, and the layers below get a first-order gradient through the likelihood.
     """
 
     def __init__(
-        self, num_inducing: int, nu: float, *, name: str = "layer", dtype: torch.dtype = torch.float64
+        self,
+        num_inducing: int,
+        nu: float,
+        *,
+        name: str = "layer",
+        whiten: bool = False,
+        dtype: torch.dtype = torch.float64,
     ) -> None:
         super().__init__()
         if num_inducing < 1:
@@ -49,13 +58,18 @@ class GramLayer(nn.Module):
             raise ConfigError(f"nu must be >= 0 (inf for the NNGP), got {nu!r}")
         self.nu = float(nu)
         self.name = name
+        self.whiten = whiten
         self.v = None if math.isinf(self.nu) else nn.Parameter(torch.eye(num_inducing, dtype=dtype))
 
-    def chol_gram(self) -> torch.Tensor:
-        """Lower Cholesky factor of the learned G_ii (only when nu is finite)."""
+    def chol_gram(self, chol_k: torch.Tensor | None = None) -> torch.Tensor:
+        """Lower Cholesky factor of the learned G_ii (only when nu is finite); a whitened layer needs chol K_ii."""
         if self.v is None:
             raise ConfigError(f"{self.name} has nu = inf (NNGP): it has no learned Gram matrix")
-        return _cholesky_factor(self.v)
+        if not self.whiten:
+            return _cholesky_factor(self.v)
+        if chol_k is None:
+            raise ConfigError(f"{self.name} is whitened: pass the Cholesky factor of K_ii to chol_gram")
+        return chol_k @ _cholesky_factor(self.v)
 
     @torch.no_grad()
     def initialise(self, k_ii: torch.Tensor) -> None:
@@ -64,14 +78,23 @@ class GramLayer(nn.Module):
             return
         if k_ii.shape != self.v.shape:
             raise ShapeError(f"{self.name}: K_ii has shape {tuple(k_ii.shape)}, the layer holds {tuple(self.v.shape)}")
-        self.v.copy_(_cholesky_parameter(safe_cholesky(k_ii, name=f"K_ii of {self.name}")))
+        target = torch.eye(k_ii.shape[0], dtype=k_ii.dtype, device=k_ii.device) if self.whiten else k_ii
+        self.v.copy_(_cholesky_parameter(safe_cholesky(target, name=f"K_ii of {self.name}")))
 
     def forward(self, k: GramBlocks) -> tuple[GramBlocks, torch.Tensor]:
         if self.v is None:
             return k, k.ii.new_zeros(())
         chol_k = safe_cholesky(k.ii, name=f"K_ii of {self.name}")
-        chol_g = self.chol_gram()
-        penalty = self.nu * kl_from_cholesky(chol_g, chol_k) if self.nu > 0 else k.ii.new_zeros(())
+        chol_g = self.chol_gram(chol_k)
+        if self.nu == 0:
+            penalty = k.ii.new_zeros(())
+        elif self.whiten:  # KL(N(0, L_K A L_K^T) || N(0, L_K L_K^T)) = KL(N(0, A) || N(0, I))
+            chol_a = _cholesky_factor(self.v)
+            penalty = self.nu * kl_from_cholesky(
+                chol_a, torch.eye(chol_a.shape[0], dtype=chol_a.dtype, device=chol_a.device)
+            )
+        else:
+            penalty = self.nu * kl_from_cholesky(chol_g, chol_k)
         g_ii = chol_g @ chol_g.T
         if k.ti is None or k.t is None:
             return GramBlocks(g_ii), penalty

@@ -47,6 +47,16 @@ class FullDKMObjective(nn.Module):
         metrics = {"dkm/objective": objective.item() / p, "dkm/loglik": loglik.item() / p, "dkm/kl": penalty.item() / p}
         return -objective / p, metrics
 
+    @torch.no_grad()
+    def validation_loss(self, x: torch.Tensor, y: torch.Tensor, *, train_y: torch.Tensor) -> float:
+        """Mean negative log predictive density of held-out ``x [P_v, N0]``, ``y [P_v]`` or ``[P_v, D]``
+        (summed over outputs) given the training targets ``train_y``: the early-stopping criterion."""
+        y = y[:, None] if y.ndim == 1 else y
+        mean, var = self.model.predict(x, train_y, self.likelihood.noise)
+        if y.shape != mean.shape:
+            raise ShapeError(f"validation y must be [{mean.shape[0]}] or {list(mean.shape)}, got {tuple(y.shape)}")
+        return -self.likelihood.log_predictive(y.to(mean.dtype), mean, var).mean().item()
+
 
 class SparseDKMObjective(nn.Module):
     """mean_j E_q log p(y_j | f_j) - (sum_l nu_l KL_l + sum_c KL(q(f_c) || p(f_c))) / num_data.
@@ -73,6 +83,14 @@ class SparseDKMObjective(nn.Module):
         objective = ell - kl
         metrics = {"dkm/objective": objective.item(), "dkm/ell": ell.item(), "dkm/kl": kl.item()}
         return -objective, metrics
+
+    @torch.no_grad()
+    def validation_loss(self, x: torch.Tensor, y: torch.Tensor, *, train_y: torch.Tensor | None = None) -> float:
+        """Mean negative log predictive density of held-out ``x``, ``y`` (``train_y`` is unused: the sparse
+        model summarises the data in q(f)): the early-stopping criterion."""
+        y = self.likelihood.check_targets(y, self.model.num_outputs)
+        out = self.model(x)
+        return -self.likelihood.log_predictive(y, out.mean, out.var).mean().item()
 
 
 __all__ = ["FullDKMObjective", "SparseDKMObjective"]
