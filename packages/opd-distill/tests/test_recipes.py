@@ -27,17 +27,45 @@ def test_opd_env_toy_recipe_tiny(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["demos_used"] == 1
 
 
+PACED_TINY = [
+    "teacher_warmup_steps=5", "teacher_gate=0.0", "student_warmup_steps=5", "student_hidden=16", "student_layers=1",
+    "trainer.steps=3", "trainer.warmup_steps=3", "trainer.prompts_per_step=2", "trainer.group_size=2",
+    "trainer.problem_pool=6", "trainer.eval_problems=4", "trainer.eval_every=2", "trainer.paced.samples=2",
+    "trainer.paced.every=2", "trainer.progress=false", "seeds=[0, 1]", "variants=['fkl', 'paced_fkl']",
+]
+
+
 def test_paced_toy_recipe_tiny(tmp_path):
-    overrides = [
-        "teacher_warmup_steps=5", "student_warmup_steps=5", "student_hidden=16", "trainer.steps=2",
-        "trainer.prompts_per_step=2", "trainer.group_size=2", "trainer.problem_pool=4", "trainer.eval_problems=4",
-        "trainer.paced.samples=2", "trainer.progress=false", "variants=['fkl', 'paced_fkl_then_rkl']",
-    ]
-    summary = run_recipe(build_plugin_manager(), "paced-toy", out=tmp_path, overrides=overrides)
-    assert {"summary.json", "report.md", "pass_at_1.png", "kl.png"} <= _files(tmp_path)
-    assert {"fkl/pass@1", "paced_fkl_then_rkl/pass@1", "teacher/pass@1"} <= set(summary)
-    history = [json.loads(x) for x in (tmp_path / "paced_fkl_then_rkl" / "metrics.jsonl").read_text().splitlines()]
-    assert "paced/pool_pass_rate" in history[0]
+    summary = run_recipe(build_plugin_manager(), "paced-toy", out=tmp_path, overrides=PACED_TINY)
+    exp = tmp_path / "experiment"
+    assert {"summary.json", "report.md", "pool_pass_rates.png", "figures"} <= _files(exp)
+    assert "pool_pass_rates.png" in (exp / "report.md").read_text()
+    variants = summary["experiment"]["variants"]
+    assert set(variants) == {"fkl", "paced_fkl"}
+    for name in ("pass@1_final", "teacher_pass@1", "pool_before/in_open_interval", "pool_after/rate_2of2"):
+        assert variants["paced_fkl"][name]["n"] == 2, name
+    # both variants start from the same student per seed: same initial pool pass rates
+    assert variants["fkl"]["pool_before/rate_0of2"]["values"] == variants["paced_fkl"]["pool_before/rate_0of2"]["values"]
+    rates = json.loads((exp / "paced_fkl" / "seed-0" / "pool_pass_rates.json").read_text())
+    assert len(rates["before"]) == 6 and rates["samples"] == 2
+    history = [json.loads(x) for x in (exp / "paced_fkl" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
+    assert "paced/pool_pass_rate" in history[0] and "paced/pool_pass_rate" in history[2]
+    assert history[0]["optim/lr"] < history[-1]["optim/lr"] == pytest.approx(1e-3)  # LR warm-up
+
+
+def test_paced_toy_teacher_gate(tmp_path):
+    overrides = [o for o in PACED_TINY if not o.startswith("teacher_gate")] + ["teacher_gate=1.0"]
+    with pytest.raises(ConfigError, match="teacher_gate"):
+        run_recipe(build_plugin_manager(), "paced-toy", out=tmp_path, overrides=overrides)
+
+
+def test_pass_rate_histogram():
+    import torch
+    from opd_distill.paced_recipe import pass_rate_histogram
+
+    h = pass_rate_histogram(torch.tensor([0.0, 0.25, 0.25, 1.0]), 4)
+    assert h == {"rate_0of4": 0.25, "rate_1of4": 0.5, "rate_2of4": 0.0, "rate_3of4": 0.0, "rate_4of4": 0.25,
+                 "in_open_interval": 0.5}
 
 
 def test_recipe_configs_reject_bad_values(tmp_path):
