@@ -8,7 +8,7 @@ import pytest
 import torch
 from entropy_rl import EntropyDynamics, entropy_change_first_order, response_covariance
 
-from klcore.errors import ConfigError, ShapeError
+from klcore.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
 from klcore.toy import AdditionTask, char_tokenizer, tiny_causal_lm, tiny_config
 from klcore.trainer import GRPOConfig, GRPOTrainer
 
@@ -47,6 +47,30 @@ def test_signs_of_the_paper() -> None:
     assert float(entropy_change_first_order(z, torch.full((1, 3), 2.0))) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ShapeError):
         entropy_change_first_order(z, torch.zeros(1, 2))
+
+
+def test_first_order_change_rejects_non_finite_input() -> None:
+    z = torch.tensor([[3.0, 0.0, -1.0], [1.0, 2.0, 0.5]])
+    d = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.0, 0.0]])
+    for bad in (float("nan"), float("inf")):
+        zb = z.clone()
+        zb[1, 1] = bad
+        with pytest.raises(NonFiniteError, match="logits"):
+            entropy_change_first_order(zb, d)
+        db = d.clone()
+        db[0, 2] = bad
+        with pytest.raises(NonFiniteError, match="delta_logits"):
+            entropy_change_first_order(z, db)
+    with pytest.raises(NonFiniteError, match="every logit"):
+        entropy_change_first_order(torch.full((1, 3), float("-inf")), torch.zeros(1, 3))
+    with pytest.raises(DTypeError):
+        entropy_change_first_order(z.long(), d)
+    # -inf logits are actions of probability 0: allowed, and their delta does not count (even if NaN)
+    zm, dm = z.clone(), d.clone()
+    zm[0, 2], dm[0, 2] = float("-inf"), float("nan")
+    got = entropy_change_first_order(zm, dm)
+    want = entropy_change_first_order(z[:1, :2], d[:1, :2])
+    assert torch.isfinite(got).all() and float(got[0]) == pytest.approx(float(want[0]), rel=1e-6)
 
 
 def test_response_covariance_by_hand() -> None:

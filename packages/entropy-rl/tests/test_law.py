@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from entropy_rl import extrapolate_entropy_law, fit_entropy_law
 
-from klcore.errors import ConfigError, DataError
+from klcore.errors import ConfigError, DataError, ShapeError
 
 
 def test_exact_data_is_recovered_exactly() -> None:
@@ -74,6 +74,17 @@ def test_bad_data() -> None:
         extrapolate_entropy_law(np.linspace(1, 0, 10), np.linspace(0, 1, 10), fit_fraction=1.0)
     with pytest.raises(DataError, match="none to predict"):
         extrapolate_entropy_law([0.3, 0.2, 0.1], [0.1, 0.2, 0.3])
+
+
+def test_negative_entropy_and_2d_input_are_rejected() -> None:
+    with pytest.raises(DataError, match=r"entropy must be >= 0 nats.*index 1"):
+        fit_entropy_law([0.5, -0.1, 0.3], [0.3, 0.4, 0.5])
+    with pytest.raises(ShapeError, match=r"entropy must be 1-D.*\(2, 3\)"):
+        fit_entropy_law(np.ones((2, 3)) * [[0.1, 0.2, 0.3]], np.ones(6))
+    with pytest.raises(ShapeError, match="performance must be 1-D"):
+        fit_entropy_law([0.1, 0.2, 0.3], [[0.3], [0.4], [0.5]])
+    with pytest.raises(ShapeError, match="1-D"):
+        extrapolate_entropy_law(np.linspace(1, 0, 20).reshape(4, 5), np.linspace(0, 1, 20).reshape(4, 5))
 
 
 def test_non_numeric_series_raise_data_error() -> None:

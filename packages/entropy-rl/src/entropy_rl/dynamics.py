@@ -12,13 +12,14 @@ the same states, and the covariance of log-prob and advantage (token and respons
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from entropy_rl.covariance import response_covariance, token_covariance
-from klcore.errors import ConfigError, DataError, ShapeError
+from klcore.errors import ConfigError, DataError, DTypeError, NonFiniteError, ShapeError
 from klcore.hookspecs import hookimpl
 from klcore.rollout import forward_accepts
 
@@ -35,11 +36,21 @@ def entropy_change_first_order(logits: torch.Tensor, delta_logits: torch.Tensor)
 
     ``logits`` and ``delta_logits`` are ``[..., V]``; adding a constant to ``delta_logits`` changes nothing.
     """
+    for name, t in (("logits", logits), ("delta_logits", delta_logits)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise DTypeError(f"{name} must be a floating-point torch.Tensor, got {getattr(t, 'dtype', type(t).__name__)}")
     if logits.shape != delta_logits.shape:
         raise ShapeError(f"logits {tuple(logits.shape)} and delta_logits {tuple(delta_logits.shape)} must match")
+    z = logits.detach().float()
+    if bool((torch.isnan(z) | (z == math.inf)).any()):
+        raise NonFiniteError("logits hold NaN or +inf; only -inf (an action of probability 0) is allowed")
+    if bool((z == -math.inf).all(-1).any()):
+        raise NonFiniteError("a state has every logit -inf (no action of positive probability); drop that state")
     log_p = torch.log_softmax(logits.float(), -1)
     p = log_p.exp()
     d = delta_logits.float()
+    if bool(((p > 0) & ~torch.isfinite(d.detach())).any()):
+        raise NonFiniteError("delta_logits is NaN or inf at an action of positive probability; check the update")
     p_log_p = torch.where(p > 0, p * log_p, torch.zeros((), device=p.device))
     d = torch.where(p > 0, d, torch.zeros((), device=p.device))  # actions of probability 0 do not count
     return -((p_log_p * d).sum(-1) - p_log_p.sum(-1) * (p * d).sum(-1))

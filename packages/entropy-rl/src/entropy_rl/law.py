@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from klcore.errors import ConfigError, DataError
+from klcore.errors import ConfigError, DataError, ShapeError
 
 MIN_POINTS = 3
 
@@ -56,9 +56,15 @@ class EntropyLawExtrapolation:
 
 def _floats(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
     try:
-        return np.asarray(values, dtype=np.float64).reshape(-1)
+        array = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise DataError(f"{name} must be a sequence of numbers (one per step), got {values!r:.80}: {exc}") from exc
+    if array.ndim != 1:
+        raise ShapeError(
+            f"{name} must be 1-D (one value per step), got shape {array.shape}; "
+            "for several runs pass one series per run to the joint fit, or flatten deliberately"
+        )
+    return array
 
 
 def _series(entropy: Sequence[float] | np.ndarray, performance: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,6 +76,11 @@ def _series(entropy: Sequence[float] | np.ndarray, performance: Sequence[float] 
     for name, v in (("entropy", h), ("performance", r)):
         if not np.all(np.isfinite(v)):
             raise DataError(f"{name} holds NaN or inf at index {int(np.argmin(np.isfinite(v)))}; drop or fix those steps")
+    if np.any(h < 0):
+        raise DataError(
+            f"entropy must be >= 0 nats (a Shannon entropy), got {h.min():.4g} at index {int(np.argmin(h))}; "
+            "check the sign (pass H, not -H or a mean log-prob)"
+        )
     if np.any(h > 50):
         raise DataError(f"entropy must be in nats (exp(H) overflows past ~700); got a maximum of {h.max():.3g}")
     if np.ptp(h) == 0:
