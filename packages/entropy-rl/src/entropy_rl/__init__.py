@@ -14,12 +14,20 @@ from entropy_rl.diagnostics import (
     top_positive_share,
 )
 from entropy_rl.dynamics import EntropyDynamics, entropy_change_first_order
-from entropy_rl.law import EntropyLawExtrapolation, EntropyLawFit, extrapolate_entropy_law, fit_entropy_law
+from entropy_rl.law import (
+    MIN_R2,
+    EntropyLawExtrapolation,
+    EntropyLawFit,
+    extrapolate_entropy_law,
+    fit_entropy_law,
+    fit_entropy_law_joint,
+)
 from entropy_rl.losses import SCOPES, clip_cov_loss, clip_cov_selection, kl_cov_loss, kl_cov_selection
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MIN_R2",
     "SCOPES",
     "TABLE1_FRACTIONS",
     "EntropyDynamics",
@@ -27,6 +35,7 @@ __all__ = [
     "EntropyLawFit",
     "extrapolate_entropy_law",
     "fit_entropy_law",
+    "fit_entropy_law_joint",
     "__version__",
     "clip_cov_loss",
     "clip_cov_selection",
