@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from entropy_rl import extrapolate_entropy_law, fit_entropy_law
+from entropy_rl import extrapolate_entropy_law, fit_entropy_law, fit_entropy_law_joint
 
-from klcore.errors import ConfigError, DataError
+from klcore.errors import ConfigError, DataError, ShapeError
 
 
 def test_exact_data_is_recovered_exactly() -> None:
@@ -74,6 +74,36 @@ def test_bad_data() -> None:
         extrapolate_entropy_law(np.linspace(1, 0, 10), np.linspace(0, 1, 10), fit_fraction=1.0)
     with pytest.raises(DataError, match="none to predict"):
         extrapolate_entropy_law([0.3, 0.2, 0.1], [0.1, 0.2, 0.3])
+
+
+def test_holds_needs_positive_a_and_enough_r2() -> None:
+    h = np.linspace(1.2, 0.1, 40)
+    assert fit_entropy_law(h, -0.3 * np.exp(h) + 0.9).holds()
+    assert not fit_entropy_law(h, 0.3 * np.exp(h) + 0.1).holds()  # inverted: a < 0, R² = 1
+    noisy = fit_entropy_law(h, -0.01 * np.exp(h) + 0.5 + np.random.default_rng(0).normal(0, 0.05, h.size))
+    assert noisy.r2 < 0.5 and not noisy.holds() and noisy.holds(min_r2=noisy.r2 - 1e-9) == (noisy.a > 0)
+
+
+def test_joint_fit_is_the_fit_of_all_points_and_checks_each_run() -> None:
+    h1, h2 = np.linspace(1.5, 0.5, 12), np.linspace(0.9, 0.1, 8)
+    r1, r2 = -0.3 * np.exp(h1) + 0.9, -0.3 * np.exp(h2) + 0.9
+    joint = fit_entropy_law_joint([(h1, r1), (list(h2), list(r2))])
+    assert joint.a == pytest.approx(0.3) and joint.b == pytest.approx(0.9) and joint.n == 20
+    with pytest.raises(DataError, match="run 1 has 8 entropy values but 7"):
+        fit_entropy_law_joint([(h1, r1), (h2, r2[:-1])])
+    with pytest.raises(DataError, match="non-empty"):
+        fit_entropy_law_joint([])
+
+
+def test_negative_entropy_and_2d_input_are_rejected() -> None:
+    with pytest.raises(DataError, match=r"entropy must be >= 0 nats.*index 1"):
+        fit_entropy_law([0.5, -0.1, 0.3], [0.3, 0.4, 0.5])
+    with pytest.raises(ShapeError, match=r"entropy must be 1-D.*\(2, 3\)"):
+        fit_entropy_law(np.ones((2, 3)) * [[0.1, 0.2, 0.3]], np.ones(6))
+    with pytest.raises(ShapeError, match="performance must be 1-D"):
+        fit_entropy_law([0.1, 0.2, 0.3], [[0.3], [0.4], [0.5]])
+    with pytest.raises(ShapeError, match="1-D"):
+        extrapolate_entropy_law(np.linspace(1, 0, 20).reshape(4, 5), np.linspace(0, 1, 20).reshape(4, 5))
 
 
 def test_non_numeric_series_raise_data_error() -> None:

@@ -190,6 +190,26 @@ def test_bad_inputs_raise_klcore_errors() -> None:
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("which", ["old_log_prob", "log_prob"])
+@pytest.mark.parametrize("value", [float("-inf"), float("inf"), float("nan")])
+def test_non_finite_log_probs_at_a_valid_token_raise_in_both_losses(which: str, value: float) -> None:
+    old, new, adv, mask = _batch()
+    row, col = (int(i) for i in mask.nonzero()[3])
+    tensors = {"old_log_prob": old.clone(), "log_prob": new.clone()}
+    tensors[which][row, col] = value
+    for fn in (clip_cov_loss, kl_cov_loss):
+        # before the fix Clip-Cov returned a finite loss here (the clip hides the infinite ratio)
+        with pytest.raises(NonFiniteError, match=rf"{which} is NaN or inf at valid position \({row}, {col}\)"):
+            fn(tensors["old_log_prob"], tensors["log_prob"], adv, mask)
+    # the same value at padding is ignored
+    pad = mask.logical_not().nonzero()[0]
+    tensors = {"old_log_prob": old.clone(), "log_prob": new.clone()}
+    tensors[which][pad[0], pad[1]] = value
+    for fn in (clip_cov_loss, kl_cov_loss):
+        loss, _ = fn(tensors["old_log_prob"], tensors["log_prob"], adv, mask)
+        assert torch.isfinite(loss)
+
+
 def test_registered_in_klcore(plugins) -> None:
     reg = plugins.registry("loss")
     assert reg.get_component("clip_cov") is clip_cov_loss

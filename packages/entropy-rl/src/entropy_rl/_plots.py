@@ -25,13 +25,14 @@ def _law_axes(ax, entropy: np.ndarray, performance: np.ndarray, fit: EntropyLawF
 
 
 def law_plot(path: Path, entropy: Sequence[float] | np.ndarray, performance: Sequence[float] | np.ndarray, fit: EntropyLawFit,
-             *, n_fit: int = 0, performance_name: str = "performance") -> None:
+             *, n_fit: int = 0, performance_name: str = "performance", holds: bool = True) -> None:
     """Entropy vs performance with the fitted curve; the points used for the fit marked when ``n_fit``."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
     _law_axes(ax, np.asarray(entropy), np.asarray(performance), fit, "run", n_fit)
     ax.set_xlabel("entropy H (nats)")
     ax.set_ylabel(performance_name)
-    ax.set_title(f"entropy-performance law, ceiling b - a = {fit.ceiling:.3g}")
+    ax.set_title(f"entropy-performance law, ceiling b - a = {fit.ceiling:.3g}" if holds else
+                 f"no law (a = {fit.a:.3g}, R² = {fit.r2:.2f}): no ceiling")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -12,15 +12,26 @@ the same states, and the covariance of log-prob and advantage (token and respons
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from entropy_rl.covariance import response_covariance, token_covariance
-from klcore.errors import ConfigError, DataError, ShapeError
+from entropy_rl.diagnostics import (
+    covariance_entropy_agreement,
+    sequence_mean_entropy,
+    top_covariance_means,
+    top_positive_share,
+)
+from klcore.errors import ConfigError, DataError, DTypeError, NonFiniteError, ShapeError
 from klcore.hookspecs import hookimpl
 from klcore.rollout import forward_accepts
+
+#: Default selection ratio of each loss (for ``cov/top_frac`` when the probe has no ``ratio``).
+LOSS_RATIOS = {"clip_cov": 2e-4, "kl_cov": 2e-3}
 
 NEEDED_KEYS = ("input_ids", "attention_mask", "position_ids", "responses", "response_mask", "old_log_prob", "advantages")
 
@@ -35,11 +46,21 @@ def entropy_change_first_order(logits: torch.Tensor, delta_logits: torch.Tensor)
 
     ``logits`` and ``delta_logits`` are ``[..., V]``; adding a constant to ``delta_logits`` changes nothing.
     """
+    for name, t in (("logits", logits), ("delta_logits", delta_logits)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise DTypeError(f"{name} must be a floating-point torch.Tensor, got {getattr(t, 'dtype', type(t).__name__)}")
     if logits.shape != delta_logits.shape:
         raise ShapeError(f"logits {tuple(logits.shape)} and delta_logits {tuple(delta_logits.shape)} must match")
+    z = logits.detach().float()
+    if bool((torch.isnan(z) | (z == math.inf)).any()):
+        raise NonFiniteError("logits hold NaN or +inf; only -inf (an action of probability 0) is allowed")
+    if bool((z == -math.inf).all(-1).any()):
+        raise NonFiniteError("a state has every logit -inf (no action of positive probability); drop that state")
     log_p = torch.log_softmax(logits.float(), -1)
     p = log_p.exp()
     d = delta_logits.float()
+    if bool(((p > 0) & ~torch.isfinite(d.detach())).any()):
+        raise NonFiniteError("delta_logits is NaN or inf at an action of positive probability; check the update")
     p_log_p = torch.where(p > 0, p * log_p, torch.zeros((), device=p.device))
     d = torch.where(p > 0, d, torch.zeros((), device=p.device))  # actions of probability 0 do not count
     return -((p_log_p * d).sum(-1) - p_log_p.sum(-1) * (p * d).sum(-1))
@@ -68,36 +89,89 @@ class EntropyDynamics:
       positions before and after the step's update;
     * ``dynamics/cov_token``: Eq. 10 token covariance of log-prob and advantage (mean over tokens);
     * ``dynamics/cov_response``: Eq. 8-9 response-level covariance, mean over prompt groups;
+    * ``dynamics/entropy_seq_mean`` (``_after``): Eq. 5 entropy (token mean per response, then mean);
+    * ``dynamics/cov_top_0.0002`` / ``_0.002`` / ``_0.02``: Table 1, mean covariance of the top share of tokens;
+    * ``cov/top_frac``: share of the summed positive token covariance carried by the top ``ratio`` tokens;
+    * ``cov/warn_bounds_select_none`` / ``cov/warn_ratio_select_none``: 1 when no token lies inside
+      ``cov_bounds`` / when ``ratio`` times the tokens per selection is below one (also a warning);
+    * ``dynamics/run_corr_cov_neg_dh``, ``dynamics/run_cov_positive_frac``: over this process's steps so far,
+      corr(response covariance, -dH) (dH the Eq. 5 change on the batch) and the share of steps with cov > 0;
     * ``dynamics/predicted_change``: Lemma 1 with the logit change the update made, mean over the
       sampled states; ``dynamics/actual_change``: the measured entropy change on the same states.
     """
 
-    def __init__(self, max_states: int = 1024, seed: int = 0) -> None:
+    def __init__(
+        self, max_states: int = 1024, seed: int = 0, ratio: float | None = None,
+        cov_bounds: Sequence[float] | None = None,
+    ) -> None:
         if isinstance(max_states, bool) or not isinstance(max_states, int) or max_states < 1:
             raise ConfigError(f"max_states must be a positive int, got {max_states!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed must be an int, got {seed!r}")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1):
+            raise ConfigError(f"ratio must be None (the loss's) or a fraction in (0, 1), got {ratio!r}")
+        if cov_bounds is not None and (len(cov_bounds) != 2 or not float(cov_bounds[0]) < float(cov_bounds[1])):
+            raise ConfigError(f"cov_bounds must be None (the loss's) or (low, high) with low < high, got {cov_bounds!r}")
         self.max_states = max_states
         self.seed = seed
+        self.ratio = ratio
+        self.cov_bounds = cov_bounds
         self._before: dict[str, Any] | None = None
+        self._run_cov: list[float] = []
+        self._run_change: list[float] = []
+        self._warned = False
 
-    def _forward_all(self, trainer: Any, batch: Mapping[str, torch.Tensor], states: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """Token-mean entropy over valid positions and the log-softmax ``[S, V]`` at ``states`` (row, col)."""
+    def _selection_metrics(self, trainer: Any, cov: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+        """Table 1 means, ``cov/top_frac`` and the two selection warnings, on this step's batch."""
+        config = trainer.config
+        loss = getattr(config, "loss", "")
+        options = dict(getattr(config, "loss_options", {}) or {})
+        ratio = self.ratio or float(options.get("ratio", LOSS_RATIOS.get(loss, LOSS_RATIOS["kl_cov"])))
+        lo, hi = (float(v) for v in (self.cov_bounds or options.get("cov_bounds", (1.0, 5.0))))
+        out = {f"dynamics/cov_top_{f:g}": v for f, v in top_covariance_means(cov, mask).items()}
+        out["cov/top_frac"] = top_positive_share(cov, mask, ratio)
+        # tokens one selection sees: a mini-batch (global scope) or a micro-batch
+        rows = mask.shape[0] // max(int(getattr(config, "mini_batches", 1)), 1)
+        if options.get("scope") == "micro-batch" and int(getattr(config, "micro_batch_size", 0) or 0):
+            rows = min(rows, int(config.micro_batch_size))
+        tokens = float(mask.sum()) * rows / mask.shape[0]
+        values = cov[mask]
+        out["cov/warn_bounds_select_none"] = float(not bool(((values > lo) & (values < hi)).any()))
+        out["cov/warn_ratio_select_none"] = float(int(ratio * tokens) < 1)
+        if not self._warned and (out["cov/warn_bounds_select_none"] or out["cov/warn_ratio_select_none"]):
+            self._warned = True
+            warnings.warn(
+                f"entropy_dynamics: on this batch no token has covariance inside ({lo:g}, {hi:g}) "
+                f"(cov/warn_bounds_select_none = {out['cov/warn_bounds_select_none']:g}) or ratio {ratio:g} x "
+                f"{tokens:.0f} tokens per selection is below one token (cov/warn_ratio_select_none = "
+                f"{out['cov/warn_ratio_select_none']:g}); the paper's values assume far more tokens: scale ratio "
+                "or the bounds to your batch",
+                stacklevel=2,
+            )
+        return out
+
+    def _forward_all(
+        self, trainer: Any, batch: Mapping[str, torch.Tensor], states: torch.Tensor
+    ) -> tuple[float, float, torch.Tensor]:
+        """Token-mean and Eq. 5 entropy over valid positions, the log-softmax ``[S, V]`` at ``states``."""
         model = trainer.unwrapped_model
         temperature = float(getattr(trainer.config, "temperature", 1.0))
         rows = batch["responses"].shape[0]
         chunk = int(getattr(trainer.config, "micro_batch_size", 0)) or rows
         mask = batch["response_mask"].bool()
-        total, picked = 0.0, []
+        token_entropy, picked = [], []
         with torch.no_grad():
             for start in range(0, rows, chunk):
                 part = {k: batch[k][start : start + chunk] for k in NEEDED_KEYS}
                 log_p = _response_log_softmax(model, part, temperature)
-                total += float((_entropy_of(log_p) * mask[start : start + chunk]).sum())
+                token_entropy.append(_entropy_of(log_p) * mask[start : start + chunk])
                 inside = (states[:, 0] >= start) & (states[:, 0] < start + chunk)
                 sel = states[inside]
                 picked.append(log_p[sel[:, 0] - start, sel[:, 1]])
-        return total / max(int(mask.sum()), 1), torch.cat(picked)
+        ent = torch.cat(token_entropy)
+        token_mean = float(ent.sum()) / max(int(mask.sum()), 1)
+        seq_mean = sequence_mean_entropy(ent, mask) if bool(mask.any()) else float("nan")
+        return token_mean, seq_mean, torch.cat(picked)
 
     @hookimpl
     def klcore_batch_ready(self, trainer: Any, step: int, batch: Mapping[str, torch.Tensor]) -> None:
@@ -110,12 +184,12 @@ class EntropyDynamics:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
             keep = torch.randperm(valid.shape[0], generator=g)[: self.max_states].sort().values
             valid = valid[keep.to(valid.device)]
-        entropy, log_p = self._forward_all(trainer, batch, valid)
-        metrics = {"dynamics/entropy": entropy}
+        entropy, entropy_seq, log_p = self._forward_all(trainer, batch, valid)
+        metrics = {"dynamics/entropy": entropy, "dynamics/entropy_seq_mean": entropy_seq}
         if valid.shape[0]:
-            metrics["dynamics/cov_token"] = float(
-                token_covariance(batch["old_log_prob"], batch["advantages"], mask)[mask].mean()
-            )
+            cov = token_covariance(batch["old_log_prob"], batch["advantages"], mask)
+            metrics["dynamics/cov_token"] = float(cov[mask].mean())
+            metrics.update(self._selection_metrics(trainer, cov, mask))
         group = getattr(trainer.config, "group_size", 0)
         if group and mask.shape[0] % group == 0 and bool(mask.any()):
             metrics["dynamics/cov_response"] = float(
@@ -128,10 +202,19 @@ class EntropyDynamics:
         if self._before is None:
             return None
         before, self._before = self._before, None
-        entropy_after, log_p = self._forward_all(trainer, batch, before["states"])
+        entropy_after, entropy_seq_after, log_p = self._forward_all(trainer, batch, before["states"])
         old = before["log_p"]
         metrics = dict(before["metrics"])
         metrics["dynamics/entropy_after"] = entropy_after
+        metrics["dynamics/entropy_seq_mean_after"] = entropy_seq_after
+        key = "dynamics/cov_response" if "dynamics/cov_response" in metrics else "dynamics/cov_token"
+        if key in metrics and math.isfinite(entropy_seq_after - metrics["dynamics/entropy_seq_mean"]):
+            self._run_cov.append(metrics[key])
+            self._run_change.append(entropy_seq_after - metrics["dynamics/entropy_seq_mean"])
+            corr, positive = covariance_entropy_agreement(self._run_cov, self._run_change)
+            metrics["dynamics/run_cov_positive_frac"] = positive
+            if math.isfinite(corr):
+                metrics["dynamics/run_corr_cov_neg_dh"] = corr
         if old.shape[0]:
             metrics["dynamics/predicted_change"] = float(entropy_change_first_order(old, log_p - old).mean())
             metrics["dynamics/actual_change"] = float((_entropy_of(log_p) - _entropy_of(old)).mean())

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from klcore.errors import ConfigError, DataError
+from klcore.errors import ConfigError, DataError, ShapeError
 
 MIN_POINTS = 3
+#: Below this R² a fit is reported as "no law" (no ceiling).
+MIN_R2 = 0.5
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,10 @@ class EntropyLawFit:
     def ceiling(self) -> float:
         """Predicted performance when the entropy is exhausted, R(H = 0) = b - a."""
         return self.b - self.a
+
+    def holds(self, min_r2: float = MIN_R2) -> bool:
+        """Whether the data follow the law: ``a > 0`` (performance falls as entropy grows) and ``r2 >= min_r2``."""
+        return self.a > 0 and self.r2 >= min_r2
 
     def predict(self, entropy: Sequence[float] | np.ndarray) -> np.ndarray:
         """R at each entropy value (nats)."""
@@ -56,9 +62,15 @@ class EntropyLawExtrapolation:
 
 def _floats(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
     try:
-        return np.asarray(values, dtype=np.float64).reshape(-1)
+        array = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise DataError(f"{name} must be a sequence of numbers (one per step), got {values!r:.80}: {exc}") from exc
+    if array.ndim != 1:
+        raise ShapeError(
+            f"{name} must be 1-D (one value per step), got shape {array.shape}; "
+            "for several runs pass one series per run to the joint fit, or flatten deliberately"
+        )
+    return array
 
 
 def _series(entropy: Sequence[float] | np.ndarray, performance: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,6 +82,11 @@ def _series(entropy: Sequence[float] | np.ndarray, performance: Sequence[float] 
     for name, v in (("entropy", h), ("performance", r)):
         if not np.all(np.isfinite(v)):
             raise DataError(f"{name} holds NaN or inf at index {int(np.argmin(np.isfinite(v)))}; drop or fix those steps")
+    if np.any(h < 0):
+        raise DataError(
+            f"entropy must be >= 0 nats (a Shannon entropy), got {h.min():.4g} at index {int(np.argmin(h))}; "
+            "check the sign (pass H, not -H or a mean log-prob)"
+        )
     if np.any(h > 50):
         raise DataError(f"entropy must be in nats (exp(H) overflows past ~700); got a maximum of {h.max():.3g}")
     if np.ptp(h) == 0:
@@ -88,6 +105,25 @@ def fit_entropy_law(entropy: Sequence[float] | np.ndarray, performance: Sequence
     sse = float(np.sum(residual**2))
     r2 = 1.0 - sse / total if total > 0 else (1.0 if sse == 0 else 0.0)
     return EntropyLawFit(a=float(a), b=float(b), r2=r2, rmse=math.sqrt(sse / h.size), n=int(h.size))
+
+
+def fit_entropy_law_joint(
+    runs: Sequence[tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray]],
+) -> EntropyLawFit:
+    """One (a, b) for several runs of one model and task (as the paper fits across algorithms):
+    least squares over every run's (entropy, performance) points; ``runs`` holds one pair of 1-D series per run."""
+    if isinstance(runs, (str, bytes)) or not isinstance(runs, Sequence) or not runs:
+        raise DataError("runs must be a non-empty sequence of (entropy, performance) pairs, one per run")
+    hs, rs = [], []
+    for i, run in enumerate(runs):
+        if not isinstance(run, (tuple, list)) or len(run) != 2:
+            raise DataError(f"run {i} must be an (entropy, performance) pair, got {type(run).__name__}")
+        h, r = _floats(run[0], f"entropy of run {i}"), _floats(run[1], f"performance of run {i}")
+        if h.shape != r.shape:
+            raise DataError(f"run {i} has {h.size} entropy values but {r.size} performance values")
+        hs.append(h)
+        rs.append(r)
+    return fit_entropy_law(np.concatenate(hs), np.concatenate(rs))
 
 
 def extrapolate_entropy_law(
@@ -113,4 +149,7 @@ def extrapolate_entropy_law(
     )
 
 
-__all__ = ["EntropyLawExtrapolation", "EntropyLawFit", "extrapolate_entropy_law", "fit_entropy_law"]
+__all__ = [
+    "MIN_R2", "EntropyLawExtrapolation", "EntropyLawFit", "extrapolate_entropy_law", "fit_entropy_law",
+    "fit_entropy_law_joint",
+]

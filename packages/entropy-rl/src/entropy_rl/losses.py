@@ -112,6 +112,18 @@ def _aggregate_checked(
         raise
 
 
+def _check_log_ratio(log_ratio: torch.Tensor, valid: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
+    """Raise ``NonFiniteError`` naming the input when ``log_prob - old_log_prob`` is not finite at a valid token.
+
+    An infinite log-ratio would be hidden by the clip (``max`` picks the finite branch) or by ``exp``.
+    """
+    if bool(torch.isfinite(log_ratio.detach()[valid]).all()):
+        return
+    for name in ("old_log_prob", "log_prob"):
+        check_finite(inputs[name], valid, name)
+    raise NonFiniteError("log_prob - old_log_prob is not finite at a valid token; check both log-probs")
+
+
 def _ppo_branches(
     log_ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,6 +267,7 @@ def clip_cov_loss(
     tensors = {"old_log_prob": old_log_prob, "log_prob": log_prob, "advantages": advantages}
     valid = check_tokens(tensors, mask, finite=False)
     log_ratio = _log_ratio(old_log_prob, log_prob, valid)
+    _check_log_ratio(log_ratio, valid, tensors)
     unclipped, clipped = _ppo_branches(log_ratio, advantages, clip_low, clip_high)
     ppo_clipped = (clipped.detach() > unclipped.detach()) & valid
     if selected is None:
@@ -311,6 +324,7 @@ def kl_cov_loss(
         selected = _pick_kl_cov(log_prob, advantages, valid, ratio, accelerator if scope == "global" else None)
     penalised = _check_selected(selected, log_prob)
     log_ratio = _log_ratio(old_log_prob, log_prob, valid)
+    _check_log_ratio(log_ratio, valid, tensors)
     policy_gradient = -advantages.detach().float() * torch.exp(log_ratio)
     per_token = torch.where(penalised, policy_gradient + beta * log_ratio.abs(), policy_gradient)
     loss = _aggregate_checked(per_token, valid, agg, counts, norm_length, tensors)

@@ -137,7 +137,7 @@ def run(config: EntropyToyConfig, run_dir: Path) -> dict[str, Any]:
             "selected_frac": _mean(rows, "cov/selected_frac"),
             "cov_token_mean": _mean(rows, "dynamics/cov_token"),
             "predicted_vs_measured_corr": float(np.corrcoef(pred[ok], act[ok])[0, 1]) if ok.sum() > 2 else None,
-            "law": None if fit is None else {"a": fit.a, "b": fit.b, "r2": fit.r2, "ceiling": fit.ceiling},
+            "law": None if fit is None else {"a": fit.a, "b": fit.b, "r2": fit.r2, "ceiling": fit.ceiling if fit.holds() else None},
             "run_dir": str(run_dir / method),
         }
     _plots.toy_report_plot(run_dir / "report.png", histories, fits)
