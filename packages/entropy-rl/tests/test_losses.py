@@ -214,3 +214,29 @@ def test_registered_in_klcore(plugins) -> None:
     reg = plugins.registry("loss")
     assert reg.get_component("clip_cov") is clip_cov_loss
     assert reg.get_component("kl_cov") is kl_cov_loss
+
+
+@pytest.mark.parametrize("which", ["clip_cov", "kl_cov"])
+def test_weights_multiply_the_per_token_loss_before_aggregation(which: str) -> None:
+    old, new, adv, mask = _batch(seed=3)
+    w = torch.rand(old.shape, generator=torch.Generator().manual_seed(4)) * 2
+    options = {"cov_bounds": (-1e6, 1e6), "ratio": 0.1} if which == "clip_cov" else {"ratio": 0.1, "beta": 0.5}
+    fn = clip_cov_loss if which == "clip_cov" else kl_cov_loss
+    selected = (clip_cov_selection(old, new, adv, mask, **options, generator=torch.Generator().manual_seed(0))
+                if which == "clip_cov" else kl_cov_selection(new, adv, mask, ratio=0.1))
+    x = new.clone().requires_grad_(True)
+    loss, _ = fn(old, x, adv, mask, selected=selected, weights=w, agg="token-mean", **options)
+    # by hand: the unweighted per-token loss (seq-mean-token-sum with one row per token is a token sum)
+    rows = []
+    for b, t in valid_tokens(mask):
+        one = torch.zeros_like(mask)
+        one[b, t] = True
+        part, _ = fn(old, new, adv, one, selected=selected & one, agg="token-mean", **options)
+        rows.append(part.item() * w[b, t].item())
+    assert float(loss) == pytest.approx(sum(rows) / int(mask.sum()), rel=1e-5)
+    loss.backward()
+    assert bool((x.grad[~mask] == 0).all())
+    with pytest.raises(ConfigError, match="weights must be >= 0"):
+        fn(old, new, adv, mask, selected=selected, weights=-w, **options)
+    with pytest.raises(ShapeError, match="weights must be a"):
+        fn(old, new, adv, mask, selected=selected, weights=w[:, :3], **options)

@@ -25,7 +25,7 @@ import torch
 from entropy_rl._distributed import broadcast_from_main, gather_rows
 from entropy_rl._inputs import check_finite, check_tokens
 from entropy_rl.covariance import centred_product
-from klcore.errors import ConfigError, MaskError, NonFiniteError
+from klcore.errors import ConfigError, MaskError, NonFiniteError, ShapeError
 from klcore.reduce import MODES, GlobalCounts, aggregate
 
 if TYPE_CHECKING:
@@ -88,6 +88,22 @@ def _check_selected(selected: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _log_ratio(old_log_prob: torch.Tensor, log_prob: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     # zero at padding, whose log-probs may be garbage: exp would overflow and 0 * inf poison the gradient
     return torch.where(valid, log_prob.float() - old_log_prob.detach().float(), torch.zeros((), device=log_prob.device))
+
+
+def _weighted(per_token: torch.Tensor, weights: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
+    """``per_token`` times the detached per-token ``weights`` (``[B, T]``, finite, >= 0 at valid tokens), if given."""
+    if weights is None:
+        return per_token
+    if not isinstance(weights, torch.Tensor) or weights.shape != valid.shape:
+        raise ShapeError(
+            f"weights must be a [B, T] tensor of the log-probs' shape {tuple(valid.shape)}, "
+            f"got {getattr(weights, 'shape', type(weights).__name__)}"
+        )
+    check_tokens({"weights": weights}, valid)
+    w = weights.detach().float()
+    if bool((w[valid] < 0).any()):
+        raise ConfigError("weights must be >= 0 at valid tokens (importance-sampling weights are ratios)")
+    return per_token * torch.where(valid, w, torch.zeros((), device=w.device))
 
 
 def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -253,13 +269,16 @@ def clip_cov_loss(
     norm_length: int | None = None,
     accelerator: Accelerator | None = None,
     selected: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Clip-Cov: PPO-clip ``max(-A rho, -A clip(rho, 1 - clip[0], 1 + clip[1]))`` per token, times 0 at
     the tokens of :func:`clip_cov_selection` (exactly zero gradient there), aggregated by ``agg``.
 
     ``selected`` (``[B, T]`` bool) overrides the selection (the trainer passes the mini-batch's);
-    ``counts`` / ``norm_length`` go to ``klcore.reduce.aggregate``. Metrics (token means over this
-    call's valid tokens): ``cov/selected_frac`` (verl's ``actor/pg_clipfrac``), ``policy/clipfrac``
+    ``counts`` / ``norm_length`` go to ``klcore.reduce.aggregate``; ``weights`` (``[B, T]``, detached)
+    multiply the per-token loss before aggregation (rollout importance-sampling corrections, as verl's
+    ``rollout_is_weights`` and TRL's ``importance_sampling_ratio``; the selection ignores them).
+    Metrics (token means over this call's valid tokens): ``cov/selected_frac`` (verl's ``actor/pg_clipfrac``), ``policy/clipfrac``
     (PPO-clipped), ``policy/approx_kl`` (k1), ``policy/ratio_mean``.
     """
     lb, ub, clip_low, clip_high = _clip_cov_options(ratio, cov_bounds, clip)
@@ -279,6 +298,7 @@ def clip_cov_loss(
         )
     keep = ~_check_selected(selected, log_prob)
     per_token = torch.where(keep, torch.maximum(unclipped, clipped), torch.zeros((), device=log_prob.device))
+    per_token = _weighted(per_token, weights, valid)
     loss = _aggregate_checked(per_token, valid, agg, counts, norm_length, tensors)
     mf = valid.float()
     metrics = {
@@ -304,12 +324,13 @@ def kl_cov_loss(
     norm_length: int | None = None,
     accelerator: Accelerator | None = None,
     selected: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """KL-Cov: unclipped ``-A rho`` per token plus ``beta |log rho|`` at the tokens of
     :func:`kl_cov_selection`, aggregated by ``agg`` (no PPO clip, as the reference).
 
     On the first, on-policy mini-batch of a rollout ``log rho = 0`` and the gradient of ``|x|`` at 0
-    is 0, so the penalty does nothing there. Metrics: ``cov/selected_frac``, ``policy/abs_kl`` (mean
+    is 0, so the penalty does nothing there. ``weights`` as in :func:`clip_cov_loss`. Metrics: ``cov/selected_frac``, ``policy/abs_kl`` (mean
     ``|log rho|``, verl's ``actor/ppo_kl``), ``policy/approx_kl`` (k1), ``policy/ratio_mean``.
     """
     _check_ratio(ratio)
@@ -327,6 +348,7 @@ def kl_cov_loss(
     _check_log_ratio(log_ratio, valid, tensors)
     policy_gradient = -advantages.detach().float() * torch.exp(log_ratio)
     per_token = torch.where(penalised, policy_gradient + beta * log_ratio.abs(), policy_gradient)
+    per_token = _weighted(per_token, weights, valid)
     loss = _aggregate_checked(per_token, valid, agg, counts, norm_length, tensors)
     mf = valid.float()
     metrics = {
