@@ -1,5 +1,5 @@
-"""Sessions: tests(package) per package folder, integration, lint, typecheck, bench, demo, build, lock,
-tests-latest.
+"""Sessions: tests(package) per package folder, integration, trl, verl, lint, typecheck, bench, demo, build,
+lock, tests-latest.
 
 Every session but tests-latest installs through constraints.txt, the lock that `nox -s lock` compiles
 with uv from every package's requirements and extras and the tools below: every transitive dependency
@@ -19,6 +19,8 @@ import tomllib
 
 ROOT = Path(__file__).parent
 CONSTRAINTS = str(ROOT / "constraints.txt")
+# verl's own lock: verl asks for an older transformers than the main lock's, so its session resolves apart
+VERL_CONSTRAINTS = str(ROOT / "constraints-verl.txt")
 TORCH = "torch==2.13.0+cpu"  # the CPU wheel on these machines' disk; the registry's torch is a CUDA build
 # what the sessions install beside the packages: locked with them
 TOOLS = ["nox", "uv", "ruff", "mypy", "build", "setuptools", "wheel", "deepspeed", "psutil", "trl", "gpytorch"]
@@ -70,6 +72,33 @@ def integration(session: nox.Session) -> None:
     _install(session, "setuptools", "wheel")
     _install(session, "--no-build-isolation", "deepspeed", env={"DS_BUILD_OPS": "0"})
     session.run("python", "-m", "pytest", "integration-tests", "-q", *session.posargs, success_codes=[0, NO_TESTS])
+
+
+# the packages with adapters for each framework (their tests marked `trl` / `verl`)
+TRL_PACKAGES = ["packages/entropy-rl", "packages/divergence-rl", "packages/hypo", "packages/opd-distill"]
+VERL_PACKAGES = ["packages/entropy-rl", "packages/divergence-rl"]
+
+
+def _adapter_tests(session: nox.Session, marker: str, packages: list[str]) -> None:
+    """Each package's tests marked ``marker``, one pytest call per package (test basenames repeat across them)."""
+    for path in packages:
+        session.run("python", "-m", "pytest", f"{path}/tests", "-q", "-m", marker, *session.posargs,
+                    success_codes=[0, NO_TESTS])
+
+
+@nox.session(tags=["test"])
+def trl(session: nox.Session) -> None:
+    """The TRL adapters against TRL itself (locked): every package's tests marked ``trl``."""
+    _install(session, f"{CORE}[lm,test]", *[f"{p}[trl,test]" for p in TRL_PACKAGES])
+    _adapter_tests(session, "trl", TRL_PACKAGES)
+
+
+@nox.session(tags=["test"])
+def verl(session: nox.Session) -> None:
+    """The verl adapters against verl itself, installed through its own lock (constraints-verl.txt): every
+    package's tests marked ``verl``."""
+    _install(session, f"{CORE}[lm,test]", *[f"{p}[verl,test]" for p in VERL_PACKAGES], constraints=VERL_CONSTRAINTS)
+    _adapter_tests(session, "verl", VERL_PACKAGES)
 
 
 @nox.session(tags=["test"])
@@ -198,6 +227,11 @@ def lock(session: nox.Session) -> None:
     spec.write_text("\n".join([*(f"-e {_with_extras(p)}" for p in PACKAGES), TORCH, *TOOLS]) + "\n")
     names = [tomllib.loads((ROOT / p / "pyproject.toml").read_text())["project"]["name"] for p in PACKAGES]
     session.run("uv", "pip", "compile", str(spec), "--output-file", CONSTRAINTS, "--python-version", "3.11",
+                "--custom-compile-command", "nox -s lock", "--no-annotate", "--quiet", "--upgrade",
+                *[arg for name in names for arg in ("--no-emit-package", name)], external=True)
+    verl_spec = Path(session.create_tmp()) / "lock-verl.in"
+    verl_spec.write_text("\n".join([f"-e {CORE}[lm,test]", *(f"-e {p}[verl,test]" for p in VERL_PACKAGES), TORCH]) + "\n")
+    session.run("uv", "pip", "compile", str(verl_spec), "--output-file", VERL_CONSTRAINTS, "--python-version", "3.11",
                 "--custom-compile-command", "nox -s lock", "--no-annotate", "--quiet", "--upgrade",
                 *[arg for name in names for arg in ("--no-emit-package", name)], external=True)
 
