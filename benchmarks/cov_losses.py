@@ -3,7 +3,10 @@ verl's own compute_policy_loss_clip_cov / compute_policy_loss_kl_cov.
 
 Times forward + backward of each loss on random [rows, T] tensors (default 1024 x 1024 = 1M tokens,
 80% valid), median of interleaved repeats, and prints each time as a ratio to PPO-clip measured in the
-same run (target: <= 1.2x). ``python benchmarks/cov_losses.py [--device cuda] [--dtype bfloat16]``.
+same run (target: <= 1.2x). Where verl is importable (the ``verl`` nox session's environment), it also
+times verl's own losses and entropy_rl's verl wrappers (``clip_cov_klcore`` / ``kl_cov_klcore`` through
+``get_policy_loss_fn``) and prints the micro-batch-scope ratios against verl in the same run (target:
+<= 1.0x). ``python benchmarks/cov_losses.py [--device cuda] [--dtype bfloat16]``.
 """
 
 from __future__ import annotations
@@ -36,15 +39,24 @@ def _verl_functions() -> dict[str, Callable]:
     except ImportError:
         return {}
     config = OmegaConf.create(
-        {"clip_ratio": 1.0, "clip_ratio_low": 1.0, "clip_ratio_high": 1.0, "policy_loss": {
+        {"clip_ratio": 1.0, "clip_ratio_low": 1.0, "clip_ratio_high": 1.0, "global_batch_info": {}, "policy_loss": {
             "clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0, "kl_cov_ratio": 2e-3, "ppo_kl_coef": 1.0}}
     )
 
     def wrap(fn):
         return lambda old, new, adv, mask: fn(old, new, adv, mask, loss_agg_mode="token-mean", config=config)[0]
 
+    import entropy_rl.integrations.verl  # noqa: F401  (registers the wrappers)
+
     return {"verl clip_cov": wrap(core_algos.compute_policy_loss_clip_cov),
-            "verl kl_cov": wrap(core_algos.compute_policy_loss_kl_cov)}
+            "verl kl_cov": wrap(core_algos.compute_policy_loss_kl_cov),
+            "clip_cov_klcore (verl)": wrap(core_algos.get_policy_loss_fn("clip_cov_klcore")),
+            "kl_cov_klcore (verl)": wrap(core_algos.get_policy_loss_fn("kl_cov_klcore"))}
+
+
+#: (ours, verl's) pairs compared where verl is importable, all in micro-batch scope
+AGAINST_VERL = [("clip_cov micro-batch", "verl clip_cov"), ("clip_cov_klcore (verl)", "verl clip_cov"),
+                ("kl_cov micro-batch", "verl kl_cov"), ("kl_cov_klcore (verl)", "verl kl_cov")]
 
 
 def main() -> None:
@@ -88,6 +100,10 @@ def main() -> None:
     for name, t in times.items():
         med = statistics.median(t)
         print(f"{name:24s} {med * 1e3:9.2f} ms   {med / base:5.2f}x ppo_clip")
+    for ours, theirs in AGAINST_VERL:
+        if theirs in times:
+            ratio = statistics.median(times[ours]) / statistics.median(times[theirs])
+            print(f"{ours:24s} {ratio:5.2f}x {theirs} (target <= 1.0x)")
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def _check_log_ratio(log_ratio: torch.Tensor, valid: torch.Tensor, inputs: dict[
 
     An infinite log-ratio would be hidden by the clip (``max`` picks the finite branch) or by ``exp``.
     """
-    if bool(torch.isfinite(log_ratio.detach()[valid]).all()):
+    if bool(torch.isfinite(log_ratio.detach()).all()):  # zero off the mask (``_log_ratio``): no gather needed
         return
     for name in ("old_log_prob", "log_prob"):
         check_finite(inputs[name], valid, name)
