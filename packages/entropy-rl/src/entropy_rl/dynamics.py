@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 
 from entropy_rl.covariance import response_covariance, token_covariance
 from entropy_rl.diagnostics import (
@@ -26,7 +27,7 @@ from entropy_rl.diagnostics import (
     top_covariance_means,
     top_positive_share,
 )
-from klcore.errors import ConfigError, DataError, DTypeError, NonFiniteError, ShapeError
+from klcore.errors import CheckpointError, ConfigError, DataError, DTypeError, NonFiniteError, ShapeError
 from klcore.hookspecs import hookimpl
 from klcore.rollout import forward_accepts
 
@@ -95,7 +96,8 @@ class EntropyDynamics:
     * ``cov/warn_bounds_select_none`` / ``cov/warn_ratio_select_none``: 1 when no token lies inside
       ``cov_bounds`` / when ``ratio`` times the tokens per selection is below one (also a warning);
     * ``dynamics/run_corr_cov_neg_dh``, ``dynamics/run_cov_positive_frac``: over this process's steps so far,
-      corr(response covariance, -dH) (dH the Eq. 5 change on the batch) and the share of steps with cov > 0;
+      corr(response covariance, -dH) (dH the Eq. 5 change on the batch) and the share of steps with cov > 0
+      (their per-step series are stored in the run's checkpoints, one per process, so a resume continues them);
     * ``dynamics/predicted_change``: Lemma 1 with the logit change the update made, mean over the
       sampled states; ``dynamics/actual_change``: the measured entropy change on the same states.
     """
@@ -219,6 +221,34 @@ class EntropyDynamics:
             metrics["dynamics/predicted_change"] = float(entropy_change_first_order(old, log_p - old).mean())
             metrics["dynamics/actual_change"] = float((_entropy_of(log_p) - _entropy_of(old)).mean())
         return metrics
+
+    @hookimpl
+    def klcore_save_checkpoint(self, trainer: Any) -> dict[str, list[torch.Tensor]]:
+        """The run statistics' per-step series, ``[2, steps]`` float64 (cov, dH) per process, rank order."""
+        own = torch.tensor([self._run_cov, self._run_change], dtype=torch.float64).reshape(2, -1)
+        processes = _processes(trainer)[0]
+        return {"run_series": gather_object([own]) if processes > 1 else [own]}
+
+    @hookimpl
+    def klcore_load_checkpoint(self, trainer: Any, state: Mapping[str, Any]) -> None:
+        series = state.get("run_series") if isinstance(state, Mapping) else None
+        processes, rank = _processes(trainer)
+        if not isinstance(series, list) or len(series) != processes:
+            saved = len(series) if isinstance(series, list) else "no"
+            raise CheckpointError(
+                f"the checkpoint holds entropy_dynamics run statistics of {saved} processes but this run has "
+                f"{processes} processes; resume with the process count that wrote the checkpoint"
+            )
+        own = series[rank]
+        if not isinstance(own, torch.Tensor) or own.ndim != 2 or own.shape[0] != 2:
+            raise CheckpointError(f"entropy_dynamics run statistics must be a [2, steps] tensor, got {own!r}")
+        self._run_cov, self._run_change = own[0].tolist(), own[1].tolist()
+
+
+def _processes(trainer: Any) -> tuple[int, int]:
+    """(number of processes, this process's index) of the trainer's accelerator; (1, 0) without one."""
+    accelerator = getattr(trainer, "accelerator", None)
+    return int(getattr(accelerator, "num_processes", 1)), int(getattr(accelerator, "process_index", 0))
 
 
 __all__ = ["EntropyDynamics", "entropy_change_first_order"]
