@@ -19,3 +19,7 @@ def plugins():
     from entropy_rl import plugin
 
     return build_plugin_manager(plugins=[("entropy_rl", plugin)], load_entrypoints=False)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "trl: runs against the real TRL (skipped where trl is absent)")
