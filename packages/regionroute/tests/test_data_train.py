@@ -91,13 +91,12 @@ def test_trainer_flow_matching_target_and_attention_losses(tmp_path):
             assert torch.equal(p, base_before[n])
     assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in model.named_parameters() if "lora_B" in n)
     batch = {k: v[:2] for k, v in cache.items()}
-    torch.manual_seed(7)
-    _, target = trainer._flux_forward(batch)
-    torch.manual_seed(7)
-    t = torch.rand(2)
     noise = torch.randn_like(batch["latents"])
-    assert t.shape == (2,)
+    _, target = trainer._flux_forward({**batch, "t": torch.rand(2), "noise": noise})
     torch.testing.assert_close(target, noise - batch["latents"])
+    drawn, _ = trainer.collect(0)  # the batch carries its rows' times in [0, 1) and noise
+    assert drawn["t"].shape == (2,) and float(drawn["t"].min()) >= 0 and float(drawn["t"].max()) < 1
+    assert drawn["noise"].shape == drawn["latents"].shape
 
 
 def test_trainer_resumes_from_checkpoint(tmp_path):
@@ -173,16 +172,13 @@ def test_guidance_distilled_transformer_trains_with_embedded_guidance(tmp_path):
     trainer = RegionRouteTrainer(model, cache, ["stripes", "invert"], cfg, run_dir=tmp_path / "run", image_size=(8, 8))
     assert trainer.guidance == 1.0  # read from the config because the transformer embeds guidance
     assert len(trainer.train()) == 1  # without the embedded guidance the transformer's forward fails
-    batch = {k: v[:2] for k, v in cache.items()}
+    t, noise = torch.rand(2), torch.randn_like(cache["latents"][:2])
+    batch = {**{k: v[:2] for k, v in cache.items()}, "t": t, "noise": noise}
     preds = {}
     for scale in (1.0, 4.0):
         trainer.guidance = scale
-        torch.manual_seed(3)
         preds[scale], _ = trainer._flux_forward(batch)
     assert not torch.allclose(preds[1.0], preds[4.0])  # the scale reaches the model
-    torch.manual_seed(3)
-    t = torch.rand(2)
-    noise = torch.randn_like(batch["latents"])
     xt = (1 - t[:, None, None]) * batch["latents"] + t[:, None, None] * noise
     expected = flux_velocity(model, xt, batch["context"], batch["text"], batch["pooled"], t, (8, 8), guidance=4.0)
     torch.testing.assert_close(preds[4.0], expected)

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from klcore.errors import DataError, ShapeError
+from klcore.errors import ConfigError, DataError, ShapeError
+from regionroute.buckets import cover_and_crop
 
 
 def word_token_indices(prompt_ids: Sequence[int], word_ids: Sequence[int], *, first_only: bool = False) -> list[int]:
@@ -112,20 +113,26 @@ def load_records(path: str | Path) -> list[EditRecord]:
     return records
 
 
-def read_image(path: Path, size: int | None = None) -> torch.Tensor:
-    """RGB image ``[3, H, W]`` in [0, 1] (resized bicubic to ``size`` when given)."""
+def read_image(path: Path, size: int | None = None, *, bucket: tuple[int, int] | None = None) -> torch.Tensor:
+    """RGB image ``[3, H, W]`` in [0, 1] (resized bicubic to ``size`` when given; with ``bucket = (h, w)``
+    scaled to cover it and centre-cropped, :func:`regionroute.buckets.cover_and_crop`)."""
     from PIL import Image
 
     img = Image.open(path).convert("RGB")
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
+    if bucket is not None:
+        img = cover_and_crop(img, bucket, Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
-def read_mask(path: Path, shape: tuple[int, int], size: int | None = None) -> torch.Tensor:
+def read_mask(
+    path: Path, shape: tuple[int, int], size: int | None = None, *, bucket: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Grey mask ``[H, W]`` in [0, 1]; its size must equal the image's ``shape`` (before any resize).
 
-    With ``size`` it is resized (nearest, like :func:`read_image`'s resize of its image) to ``size x size``."""
+    With ``size`` it is resized (nearest, like :func:`read_image`'s resize of its image) to ``size x size``;
+    with ``bucket`` covered and cropped with the image's geometry (nearest)."""
     from PIL import Image
 
     img = Image.open(path).convert("L")
@@ -135,6 +142,8 @@ def read_mask(path: Path, shape: tuple[int, int], size: int | None = None) -> to
         )
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.NEAREST)
+    if bucket is not None:
+        img = cover_and_crop(img, bucket, Image.Resampling.NEAREST)
     m = np.asarray(img, dtype=np.float32) / 255.0
     if m.max() == 0:
         raise DataError(f"mask {path} is empty (all zero)")
@@ -165,26 +174,32 @@ class EditTensors:
 
 
 def build_tensors(
-    records: Sequence[EditRecord], encode: Callable[[str], Sequence[int]], styles: Sequence[str], *, size: int | None = None
+    records: Sequence[EditRecord], encode: Callable[[str], Sequence[int]], styles: Sequence[str], *,
+    size: int | None = None, bucket: tuple[int, int] | None = None,
 ) -> EditTensors:
-    """Read images and masks, find each object's style tokens; a record's expert is its first object's style."""
+    """Read images and masks, find each object's style tokens; a record's expert is its first object's style.
+
+    ``size``: resize every image to ``size x size``; ``bucket = (h, w)``: cover and centre-crop every image
+    (and its masks) to ``h x w`` (one aspect-ratio bucket, :mod:`regionroute.buckets`)."""
     if not records:
         raise DataError("no records: the dataset is empty")
+    if size is not None and bucket is not None:
+        raise ConfigError("pass size= (square resize) or bucket= (cover and crop), not both")
     srcs: list[torch.Tensor] = []
     tgts, masks, toks, objs, experts = [], [], [], [], []
     for rec in records:
-        src = read_image(rec.source, size)
+        src = read_image(rec.source, size, bucket=bucket)
         if srcs and src.shape != srcs[0].shape:
             raise ShapeError(
                 f"{rec.source} is {tuple(src.shape)} but {records[0].source} is {tuple(srcs[0].shape)}; "
                 "pass size= to resize every image to one square size"
             )
         srcs.append(src)
-        tgts.append(read_image(rec.target, size))
+        tgts.append(read_image(rec.target, size, bucket=bucket))
         if tgts[-1].shape != src.shape:
             raise ShapeError(f"{rec.target} is {tuple(tgts[-1].shape)} but {rec.source} is {tuple(src.shape)}")
         shape = _image_shape(rec.source)
-        masks.append(torch.stack([read_mask(rec.masks[o], shape, size) for o in rec.objects]))
+        masks.append(torch.stack([read_mask(rec.masks[o], shape, size, bucket=bucket) for o in rec.objects]))
         idx, obj = [], []
         for o_i, style in enumerate(rec.objects.values()):
             if style not in styles:

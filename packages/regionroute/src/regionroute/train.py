@@ -17,6 +17,7 @@ load-balancing term.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch import nn
 from klcore.errors import ConfigError, DataError, ShapeError
 from klcore.reduce import GlobalCounts
 from klcore.trainer import Trainer, TrainerConfig
+from regionroute.buckets import BucketBatches
 from regionroute.capture import MODES, AttentionStore, register_attention_capture, remove_attention_capture
 from regionroute.data import EditTensors
 from regionroute.losses import AVERAGING, NORMALIZATIONS, region_attention_loss
@@ -132,19 +134,32 @@ def image_ids(height: int, width: int, index: float) -> torch.Tensor:
     return ids.flatten(0, 1)
 
 
+def latent_grid(tokens: int, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """The unpacked latent grid ``(h, w)`` of an ``H x W`` image packed to ``tokens = (h/2)(w/2)`` tokens
+    (``h = H / f`` for the encoder's downsampling ``f``: 1 for :func:`pack_images`, 8 for Flux's VAE)."""
+    height, width = image_hw
+    factor = round(math.sqrt(height * width / (4 * tokens)))
+    if factor < 1 or height % factor or width % factor or (height // factor // 2) * (width // factor // 2) != tokens:
+        raise ShapeError(f"{tokens} packed tokens do not fit a {height}x{width} image at any integer downsampling")
+    return height // factor, width // factor
+
+
 def cache_flux_inputs(
     data: EditTensors,
     encode_text: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]],
     encode_images: Callable[[torch.Tensor], torch.Tensor] = pack_images,
 ) -> dict[str, torch.Tensor]:
-    """Precompute what training reads: text ``[n, T, D]``, pooled ``[n, D]``, target/context latents."""
+    """Precompute what training reads: text ``[n, T, D]``, pooled ``[n, D]``, target/context latents, the
+    unpacked latent ``grid [n, 2]`` (:func:`latent_grid`)."""
     with torch.no_grad():
         text, pooled = encode_text(data.prompts)
+        latents = encode_images(data.targets).float()
+        grid = latent_grid(int(latents.shape[1]), (int(data.targets.shape[2]), int(data.targets.shape[3])))
         return {
             "text": text.float(), "pooled": pooled.float(),
-            "latents": encode_images(data.targets).float(), "context": encode_images(data.sources).float(),
+            "latents": latents, "context": encode_images(data.sources).float(),
             "masks": data.masks, "token_indices": data.token_indices, "token_objects": data.token_objects,
-            "experts": data.experts,
+            "experts": data.experts, "grid": torch.tensor([grid] * latents.shape[0]),
         }
 
 
@@ -181,7 +196,7 @@ class RegionRouteTrainer(Trainer):
         config: RegionRouteConfig,
         *,
         run_dir: str | Path,
-        image_size: tuple[int, int],
+        image_size: tuple[int, int] | None = None,
         on_sample: Callable[[RegionRouteTrainer, int], None] | None = None,
     ) -> None:
         n = len(cache) if hasattr(cache, "take") else cache["latents"].shape[0]
@@ -189,6 +204,9 @@ class RegionRouteTrainer(Trainer):
             raise DataError("the cached dataset is empty")
         self.cfg, self.cache, self.image_size, self.on_sample = config, cache, image_size, on_sample
         self.size = int(n)
+        # a bucketed cache: batches drawn within one aspect-ratio bucket, a function of the seed and step
+        self.batches = (BucketBatches(cache.bucket_of, config.batch_size, config.trainer.seed)
+                        if getattr(cache, "buckets", None) else None)
         self.moe = LoraMoE(model, experts, router=config.train_router, temperature=config.router_temperature)
         if config.train_router:  # only the gates learn (train() freezes the rest while it runs)
             model.add_module("regionroute_router", self.moe.gates)
@@ -236,11 +254,19 @@ class RegionRouteTrainer(Trainer):
     def collect(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         if self.on_sample is not None and self.cfg.sample_every and step % self.cfg.sample_every == 0:
             self.on_sample(self, step)
-        idx = torch.randint(self.size, (self.cfg.batch_size,))
+        idx = self.batches.batch(step) if self.batches is not None else torch.randint(self.size, (self.cfg.batch_size,))
         cache: Any = self.cache
         batch = cache.take(idx) if hasattr(cache, "take") else {k: v[idx] for k, v in cache.items()}
-        batch["valid"] = torch.ones(self.cfg.batch_size, 1)
-        return batch, {}
+        batch["valid"] = torch.ones(idx.numel(), 1)
+        # time and noise per row drawn with the batch, so micro-batches (accumulation) see the large batch's
+        x0 = batch["latents"]
+        if self.cfg.layout == "flux":
+            batch["t"] = torch.rand(x0.shape[0])
+        else:
+            batch["t"] = torch.randint(0, self.scheduler_ddpm.config.num_train_timesteps, (x0.shape[0],))
+        batch["noise"] = torch.randn_like(x0)
+        device = self.accelerator.device
+        return {k: v.to(device) for k, v in batch.items()}, {}
 
     def compute_loss(
         self, batch: dict[str, torch.Tensor], counts: GlobalCounts
@@ -255,6 +281,8 @@ class RegionRouteTrainer(Trainer):
         else:
             self.store.clear_tokens()
         pred, target = (self._flux_forward if cfg.layout == "flux" else self._unet_forward)(batch)
+        # this micro-batch's share of the optimiser step's mean over rows (gradient accumulation, DDP)
+        share = batch["valid"].shape[0] * counts.world_size / counts.sequences
         diffusion = F.mse_loss(pred.float(), target.float())
         metrics = {"loss/diffusion": float(diffusion.detach())}
         loss = diffusion
@@ -271,29 +299,41 @@ class RegionRouteTrainer(Trainer):
             loss = loss + cfg.balance_weight * balance
             metrics["router/balance"] = float(balance.detach())
         self.store.clear_tokens()
-        return loss, metrics, {}
+        return loss * share, metrics, {}
+
+    def _grid(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """The batch's unpacked latent grid ``(h, w)``: its ``grid`` rows (one size per batch) or ``image_size``."""
+        if "grid" not in batch:
+            if self.image_size is None:
+                raise ConfigError("the cache has no 'grid' rows: pass image_size=(h, w), the unpacked latent grid")
+            return self.image_size
+        grids = {tuple(int(v) for v in row) for row in batch["grid"].tolist()}
+        if len(grids) != 1:
+            raise ShapeError(f"a batch mixes latent grids {sorted(grids)}: build the cache with buckets= and draw within one")
+        grid = grids.pop()
+        if self.image_size is not None and tuple(self.image_size) != grid:
+            raise ShapeError(f"image_size {tuple(self.image_size)} differs from the cache's grid {grid}; "
+                             "pass image_size=None to use the cache's (required with buckets)")
+        return grid[0], grid[1]
 
     def _token_grid(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
         """The finest attention layer's query grid: Flux's packed grid ``(h/2, w/2)``, the UNet's latent grid."""
         if self.cfg.layout == "flux":
-            return self.image_size[0] // 2, self.image_size[1] // 2
+            h, w = self._grid(batch)
+            return h // 2, w // 2
         return int(batch["latents"].shape[-2]), int(batch["latents"].shape[-1])
 
     def _flux_forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x0, ctx = batch["latents"], batch["context"]
-        t = torch.rand(x0.shape[0], device=x0.device)
-        noise = torch.randn_like(x0)
+        x0, ctx, t, noise = batch["latents"], batch["context"], batch["t"], batch["noise"]
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         self.store.target_tokens = x0.shape[1]
-        pred = flux_velocity(self.model, xt, ctx, batch["text"], batch["pooled"], t, self.image_size,
+        pred = flux_velocity(self.model, xt, ctx, batch["text"], batch["pooled"], t, self._grid(batch),
                              reference_context_ids=self.cfg.reference_context_ids, guidance=self.guidance)
         return pred, noise - x0
 
     def _unet_forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x0, ctx = batch["latents"], batch["context"]
+        x0, ctx, t, noise = batch["latents"], batch["context"], batch["t"], batch["noise"]
         sched = self.scheduler_ddpm
-        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        noise = torch.randn_like(x0)
         noisy = sched.add_noise(x0, noise, t)
         unet_config: Any = self.unwrapped_model.config  # diffusers' FrozenDict config
         if unet_config.in_channels == 2 * x0.shape[1]:
