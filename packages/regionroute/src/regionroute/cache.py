@@ -131,7 +131,7 @@ def build_flux_cache(
                 "grid": torch.tensor([grid] * len(rows)),
             }
         del data
-        shapes = {"text_len": int(text.shape[1])}
+        shapes: dict[str, int | list[int]] = {"text_len": int(text.shape[1])}
         if not bucket_list:  # with buckets every shard has its bucket's size
             shapes["image_shape"] = list(tensors["masks"].shape[2:])
         for key, value in shapes.items():

@@ -205,8 +205,8 @@ class RegionRouteTrainer(Trainer):
         self.cfg, self.cache, self.image_size, self.on_sample = config, cache, image_size, on_sample
         self.size = int(n)
         # a bucketed cache: batches drawn within one aspect-ratio bucket, a function of the seed and step
-        self.batches = (BucketBatches(cache.bucket_of, config.batch_size, config.trainer.seed)
-                        if getattr(cache, "buckets", None) else None)
+        bucket_of = getattr(cache, "bucket_of", None) if getattr(cache, "buckets", None) else None
+        self.batches = None if bucket_of is None else BucketBatches(bucket_of, config.batch_size, config.trainer.seed)
         self.moe = LoraMoE(model, experts, router=config.train_router, temperature=config.router_temperature)
         if config.train_router:  # only the gates learn (train() freezes the rest while it runs)
             model.add_module("regionroute_router", self.moe.gates)
