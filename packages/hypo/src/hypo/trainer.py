@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from hypo._truncation import warn_truncated_once
 from hypo.config import HyPOConfig
 from hypo.data import TokenizedPairs
 from hypo.forward import completion_logprobs, completion_logprobs_chunked
@@ -185,13 +185,7 @@ class HyPOTrainer(Trainer):
             batch[f"online_{key}"] = value.reshape(n, k, *value.shape[1:])
         mask = roll.response_mask
         truncated = float((~(roll.responses == tok.eos_token_id).any(1)).float().mean())
-        if truncated > 0.5 and not self._warned_truncation:
-            self._warned_truncation = True
-            warnings.warn(
-                f"{truncated:.0%} of the online samples reached max_new_tokens = {self.max_new_tokens} without EOS; "
-                "the online KL of their untruncated answers is underestimated: raise max_new_tokens",
-                stacklevel=2,
-            )
+        self._warned_truncation = warn_truncated_once(truncated, self.max_new_tokens, self._warned_truncation)
         return {
             "kl/online_sampled": float(sequence_log_ratio(roll.logprobs, ref_lp, mask).mean()),
             "response/length_mean": float(mask.sum(1).float().mean()),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from trl.models import unwrap_model_for_generation
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
+from hypo._truncation import warn_truncated_once
 from hypo.online_kl import rloo_kl_surrogate, sequence_log_ratio
 from klcore.errors import ConfigError
 
@@ -163,13 +163,7 @@ class HyPODPOTrainer(DPOTrainer):
         for i, (p, n) in enumerate(zip(repeated, length.tolist(), strict=True)):
             completion_mask[i, len(p) : len(p) + n] = 1
         truncated = (~is_eos.any(1)).float().mean().item()
-        if truncated > 0.5 and not self._warned_truncation:
-            self._warned_truncation = True
-            warnings.warn(
-                f"{truncated:.0%} of HyPO's online samples reached max_new_tokens = {self.max_new_tokens} without EOS; "
-                "the online KL of their untruncated answers is underestimated: raise max_new_tokens",
-                stacklevel=2,
-            )
+        self._warned_truncation = warn_truncated_once(truncated, self.max_new_tokens, self._warned_truncation)
         return {
             "input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
             "ended": is_eos.any(1).to(device),
